@@ -1,0 +1,122 @@
+"""One portal's stored record (SPEC §3): a JSON object whose unknown keys survive every write."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+# Real member ids are 32 hex digits; anything that could walk out of `{prefix}/portals/` or break an
+# SSM name is refused before any AWS call is made.
+MEMBER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+# Refresh when the access token expires within this many seconds (SPEC §5 step 3).
+REFRESH_MARGIN_SECONDS = 300
+
+SECRET_KEYS = ("access_token", "refresh_token", "application_token", "client_secret")
+
+
+def valid_member_id(member_id: object) -> bool:
+    """True when `member_id` can name a parameter under `{prefix}/portals/`."""
+    return isinstance(member_id, str) and bool(MEMBER_ID_RE.match(member_id)) and member_id not in {".", ".."}
+
+
+class PortalRecord:
+    """A portal record. `data` is the whole stored object; properties read the fixed keys.
+
+    `repr` names the portal only: a record must be safe to log by accident.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.data: dict[str, Any] = dict(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> PortalRecord:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("portal record is not a JSON object")
+        return cls(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, separators=(",", ":"), sort_keys=True)
+
+    def copy(self) -> PortalRecord:
+        return PortalRecord(self.data)
+
+    def __repr__(self) -> str:
+        return f"PortalRecord(member_id={self.member_id!r}, domain={self.domain!r})"
+
+    def _str(self, key: str) -> str:
+        value = self.data.get(key)
+        return value if isinstance(value, str) else ""
+
+    @property
+    def member_id(self) -> str:
+        return self._str("member_id")
+
+    @property
+    def domain(self) -> str:
+        return self._str("domain")
+
+    @property
+    def client_endpoint(self) -> str:
+        return self._str("client_endpoint")
+
+    @property
+    def server_endpoint(self) -> str:
+        return self._str("server_endpoint")
+
+    @property
+    def access_token(self) -> str:
+        return self._str("access_token")
+
+    @property
+    def refresh_token(self) -> str:
+        return self._str("refresh_token")
+
+    @property
+    def application_token(self) -> str:
+        return self._str("application_token")
+
+    @property
+    def expires(self) -> int:
+        value = self.data.get("expires")
+        try:
+            return int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return 0  # unknown expiry: treat as due, the refresh fixes it
+
+    @property
+    def revoked_at(self) -> int | None:
+        value = self.data.get("revoked_at")
+        return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def refresh_due(self, now: float | None = None) -> bool:
+        """True when the access token expires within five minutes (or has no usable expiry)."""
+        now = time.time() if now is None else now
+        return not self.access_token or self.expires - now <= REFRESH_MARGIN_SECONDS
+
+    def set_client_endpoint(self, endpoint: str) -> None:
+        """Follow a renamed portal: the endpoint and the domain move together (reference §8)."""
+        self.data["client_endpoint"] = endpoint
+        domain = domain_of(endpoint)
+        if domain:
+            self.data["domain"] = domain
+
+
+def domain_of(client_endpoint: str) -> str:
+    """The portal's domain for a `client_endpoint`.
+
+    A real endpoint is `https://<domain>/rest/`. Behind a path prefix (the emulator serves many
+    portals as `http://127.0.0.1:PORT/<domain>/rest/`) the segment before `rest/` names the portal.
+    """
+    parts = urlsplit(client_endpoint)
+    segments = [s for s in parts.path.split("/") if s]
+    if len(segments) >= 2 and segments[-1] == "rest":
+        return segments[-2]
+    return parts.hostname or ""

@@ -1,0 +1,202 @@
+"""The SSM Parameter Store layout of SPEC §3: portal records, app credentials, declared set.
+
+The portal record is the portal's only token store (SPEC §9), so reads are never cached and
+every write keeps the parameter's type, KMS key and tier. SSM has no conditional writes: the
+guarded delete re-reads and compares the `application_token` right before deleting.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import ConfigError, TransientError
+from .record import PortalRecord, valid_member_id
+
+if TYPE_CHECKING:
+    from mypy_boto3_ssm import SSMClient
+
+# SSM allows ~40 reads/s and a few writes/s per account: throttling is normal at scale, and
+# botocore's adaptive mode both retries and slows the caller down (aws-serverless.md §4).
+BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, connect_timeout=5, read_timeout=10)
+
+_THROTTLE_CODES = {"ThrottlingException", "TooManyUpdates", "InternalServerError", "ServiceUnavailable"}
+
+
+def ssm_client() -> SSMClient:
+    """An SSM client with adaptive retries; endpoints come from the standard AWS variables."""
+    return boto3.client("ssm", config=BOTO_CONFIG)
+
+
+@dataclass(frozen=True)
+class AppCredentials:
+    client_id: str
+    client_secret: str
+
+    def __repr__(self) -> str:
+        return f"AppCredentials(client_id={self.client_id!r})"
+
+
+@dataclass(frozen=True)
+class _ParamMeta:
+    type: str
+    key_id: str | None
+    tier: str
+
+
+def _aws_error(exc: Exception, what: str) -> Exception:
+    """Throttling and 5xx from SSM are transient (the job is retried); the rest is a bug or config."""
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in _THROTTLE_CODES or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            return TransientError(f"SSM_{code or 'ERROR'}", what)
+        return ConfigError(f"SSM {code} while {what}")
+    return TransientError("SSM_UNREACHABLE", f"{what}: {type(exc).__name__}")
+
+
+class PortalStore:
+    """Records under `{prefix}/portals/{member_id}` and the app's parameters under `{prefix}/app/`."""
+
+    def __init__(self, prefix: str, client: SSMClient | None = None) -> None:
+        prefix = (prefix or "").rstrip("/")
+        if not prefix.startswith("/") or len(prefix) < 2:
+            raise ConfigError("B24_SSM_PREFIX must be an absolute SSM path such as /b24-cleanup/prod")
+        self.prefix = prefix
+        self._client = client
+
+    @property
+    def client(self) -> SSMClient:
+        if self._client is None:  # created on first use, not on import (cold start)
+            self._client = ssm_client()
+        return self._client
+
+    # -- names ---------------------------------------------------------------------------
+    @property
+    def portals_path(self) -> str:
+        return f"{self.prefix}/portals/"
+
+    def portal_name(self, member_id: str) -> str:
+        if not valid_member_id(member_id):
+            raise ValueError("malformed member_id")
+        return f"{self.portals_path}{member_id}"
+
+    # -- raw access ----------------------------------------------------------------------
+    def _get(self, name: str, *, decrypt: bool) -> str | None:
+        try:
+            answer = self.client.get_parameter(Name=name, WithDecryption=decrypt)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
+                return None
+            raise _aws_error(exc, f"reading {name}") from None
+        except BotoCoreError as exc:
+            raise _aws_error(exc, f"reading {name}") from None
+        return answer["Parameter"]["Value"]
+
+    def _meta(self, name: str) -> _ParamMeta | None:
+        try:
+            answer = self.client.describe_parameters(
+                ParameterFilters=[{"Key": "Name", "Option": "Equals", "Values": [name]}]
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _aws_error(exc, f"describing {name}") from None
+        for param in answer.get("Parameters", []):
+            if param.get("Name") == name:
+                return _ParamMeta(param.get("Type", "SecureString"), param.get("KeyId"), param.get("Tier", "Standard"))
+        return None
+
+    def _put(self, name: str, value: str, meta: _ParamMeta | None) -> None:
+        args: dict[str, Any] = {"Name": name, "Value": value, "Overwrite": True}
+        if meta is None:
+            args["Type"] = "SecureString"
+        else:
+            # Without KeyId an overwrite would silently move to the default aws/ssm key, and a
+            # Standard tier on an Advanced parameter fails: keep what the operator chose.
+            args["Type"] = meta.type
+            args["Tier"] = meta.tier
+            if meta.type == "SecureString" and meta.key_id:
+                args["KeyId"] = meta.key_id
+        try:
+            self.client.put_parameter(**args)
+        except (ClientError, BotoCoreError) as exc:
+            raise _aws_error(exc, f"writing {name}") from None
+
+    # -- portal records -----------------------------------------------------------------
+    def get(self, member_id: str) -> PortalRecord | None:
+        """The portal's record, read fresh (no cache), or None when there is none."""
+        text = self._get(self.portal_name(member_id), decrypt=True)
+        if text is None:
+            return None
+        try:
+            return PortalRecord.from_json(text)
+        except ValueError:
+            raise ConfigError(f"portal record of {member_id} is not a JSON object") from None
+
+    def put(self, member_id: str, record: PortalRecord) -> None:
+        """Write the whole record, keeping the parameter's type, KMS key and tier."""
+        name = self.portal_name(member_id)
+        self._put(name, record.to_json(), self._meta(name))
+
+    def delete_if_token(self, member_id: str, application_token: str) -> bool:
+        """Delete the record only while its `application_token` still equals `application_token`.
+
+        Returns False (and deletes nothing) when the record is gone or belongs to a newer install.
+        """
+        current = self.get(member_id)
+        if current is None or not hmac.compare_digest(
+            current.application_token.encode(), (application_token or "").encode()
+        ):
+            return False
+        return self.delete(member_id)
+
+    def delete(self, member_id: str) -> bool:
+        try:
+            self.client.delete_parameter(Name=self.portal_name(member_id))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
+                return False
+            raise _aws_error(exc, f"deleting the record of {member_id}") from None
+        except BotoCoreError as exc:
+            raise _aws_error(exc, f"deleting the record of {member_id}") from None
+        return True
+
+    def iter_member_ids(self) -> Iterator[str]:
+        """Every stored portal's member id, page by page, without decrypting anything."""
+        paginator = self.client.get_paginator("describe_parameters")
+        pages = paginator.paginate(
+            ParameterFilters=[{"Key": "Path", "Option": "OneLevel", "Values": [self.portals_path.rstrip("/")]}],
+            PaginationConfig={"PageSize": 50},
+        )
+        try:
+            for page in pages:
+                for param in page.get("Parameters", []):
+                    member_id = param["Name"].rsplit("/", 1)[-1]
+                    if valid_member_id(member_id):
+                        yield member_id
+        except (ClientError, BotoCoreError) as exc:
+            raise _aws_error(exc, "listing portals") from None
+
+    # -- the app's parameters -----------------------------------------------------------
+    def app_credentials(self) -> AppCredentials:
+        name = f"{self.prefix}/app/credentials"
+        text = self._get(name, decrypt=True)
+        if text is None:
+            raise ConfigError(f"app credentials are missing: put {{client_id, client_secret}} at {name}")
+        try:
+            data = json.loads(text)
+            creds = AppCredentials(str(data["client_id"]), str(data["client_secret"]))
+        except (ValueError, TypeError, KeyError):
+            raise ConfigError(f"app credentials at {name} are not {{client_id, client_secret}} JSON") from None
+        if not creds.client_id or not creds.client_secret:
+            raise ConfigError(f"app credentials at {name} have an empty client_id or client_secret")
+        return creds
+
+    def declared_set_text(self) -> str | None:
+        """The raw declared handler set, or None when the parameter is missing."""
+        return self._get(f"{self.prefix}/app/handlers", decrypt=False)
