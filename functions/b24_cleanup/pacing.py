@@ -1,0 +1,98 @@
+"""Client-side pacing and backoff for one portal.
+
+Bitrix24 counts requests per portal in a leaky bucket (reference §10: drains 2/s, bursts to 50;
+above that HTTP 503 QUERY_LIMIT_EXCEEDED). Keeping the same bucket on our side means the portal's
+own limit is rarely hit; the backoff is for when it is anyway (another app on the same egress IP).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DEFAULT_RATE = 2.0
+DEFAULT_BURST = 50
+
+
+class LeakyBucket:
+    """A thread-safe leaky bucket: each request adds 1, the level drains `rate` per second.
+
+    `acquire` waits until one more request fits under `burst`. The server measures on arrival,
+    after our send, so its level is never above ours when both count the same requests.
+    """
+
+    def __init__(
+        self,
+        rate: float = DEFAULT_RATE,
+        burst: int = DEFAULT_BURST,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._sleep = sleep
+        self._level = 0.0
+        self._stamp = clock()
+        self._lock = threading.Lock()
+        self.waited = 0.0  # seconds spent waiting, for benchmarks and logs
+
+    def _drain(self, now: float) -> None:
+        self._level = max(0.0, self._level - (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def acquire(self) -> float:
+        """Wait for room for one request, then count it. Returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._drain(now)
+            wait = max(0.0, (self._level + 1 - self.burst) / self.rate)
+            # Count the request now so that concurrent callers queue behind it.
+            self._level += 1
+        if wait > 0:
+            self._sleep(wait)
+            self.waited += wait
+        return wait
+
+    def saturate(self) -> None:
+        """The portal said its bucket is full: assume ours is too, so the next calls pace."""
+        with self._lock:
+            self._drain(self._clock())
+            self._level = max(self._level, float(self.burst))
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, bounded in attempts and per-wait seconds."""
+
+    attempts: int = 5  # tries in all, the first one included
+    base: float = 0.5
+    cap: float = 8.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The wait before try number `attempt + 1` (attempt counts from 1)."""
+        ceiling = min(self.cap, self.base * (2 ** (attempt - 1)))
+        return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+class BucketRegistry:
+    """One bucket per portal for the life of the process (a warm Lambda keeps its pacing)."""
+
+    def __init__(self, rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, LeakyBucket] = {}
+        self._lock = threading.Lock()
+
+    def get(self, member_id: str) -> LeakyBucket:
+        with self._lock:
+            bucket = self._buckets.get(member_id)
+            if bucket is None:
+                bucket = self._buckets[member_id] = LeakyBucket(self.rate, self.burst)
+            return bucket

@@ -1,0 +1,169 @@
+"""One token chain per portal (SPEC §5 step 3, §9).
+
+Refresh tokens are single-use and the chain must not branch, so the SSM record is the only store
+and every holder follows one protocol: refresh only when due (or after `expired_token`), write
+the new pair to the record before using it, and on a refused refresh re-read the record once —
+another writer (the app's backend, a concurrent job) may already have moved the chain on.
+
+:class:`TokenKeeper` is that protocol; the worker, the CLI and the app-side API all use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .errors import InvalidGrantError, PermanentError, RevokedError, TransientError
+from .oauth import OAuthClient, apply_refresh, derive_token_url
+from .record import PortalRecord
+from .store import PortalStore
+
+log = logging.getLogger(__name__)
+
+# Threads of one process take turns refreshing a portal; across processes the re-read does it.
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+# The newest record this process wrote per portal: a thread that waited for the lock adopts it
+# instead of spending an already-spent refresh token.
+_latest: dict[str, PortalRecord] = {}
+
+# A concurrent writer may have refreshed at the OAuth server and not yet written SSM: give its
+# PutParameter this long before the one re-read decides.
+DEFAULT_SETTLE_SECONDS = 1.0
+_PUT_ATTEMPTS = 4
+
+
+def _lock_for(member_id: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(member_id, threading.Lock())
+
+
+class TokenKeeper:
+    """Holds one portal's record and hands out a working access token."""
+
+    def __init__(
+        self,
+        store: PortalStore,
+        member_id: str,
+        record: PortalRecord,
+        oauth: Callable[[], OAuthClient],
+        *,
+        oauth_url: str | None = None,
+        settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        persist_renames: bool = True,
+    ) -> None:
+        self.store = store
+        self.member_id = member_id
+        self.record = record
+        self._oauth = oauth
+        self._oauth_url = oauth_url
+        self.settle_seconds = settle_seconds
+        self.clock = clock
+        self.sleep = sleep
+        self.persist_renames = persist_renames
+        self.refreshed = 0  # OAuth calls made (SPEC §6 TokensRefreshed)
+        self.fresh = False  # the current access token came from a refresh made just now
+
+    @property
+    def token_url(self) -> str:
+        return self._oauth_url or derive_token_url(self.record.server_endpoint)
+
+    def access_token(self) -> str:
+        """A token that is not due; refreshes (and persists) first when it is."""
+        if self.record.refresh_due(self.clock()):
+            self.refresh()
+        return self.record.access_token
+
+    def refresh(self, *, stale_token: str | None = None) -> None:
+        """Move the chain on by one refresh, persisted before the new token is used.
+
+        `stale_token` is the access token the portal just refused: if another thread of this
+        process has replaced it meanwhile, that newer pair is adopted instead of refreshing.
+        """
+        with _lock_for(self.member_id):
+            latest = _latest.get(self.member_id)
+            if (
+                latest is not None
+                and latest.refresh_token != self.record.refresh_token
+                and latest.expires >= self.record.expires
+                and (stale_token is None or latest.access_token != stale_token)
+                and not latest.refresh_due(self.clock())
+            ):
+                self.record = latest.copy()
+                self.fresh = True
+                return
+            used = self.record.refresh_token
+            try:
+                answer = self._call_oauth(used)
+            except InvalidGrantError as refused:
+                answer = self._after_refused(used, refused)
+                if answer is None:  # another writer's pair was adopted
+                    return
+            apply_refresh(self.record.data, answer)
+            self._persist()
+            _latest[self.member_id] = self.record.copy()
+            self.fresh = True
+
+    def _call_oauth(self, refresh_token: str) -> dict:
+        self.refreshed += 1
+        return self._oauth().refresh(self.token_url, refresh_token)
+
+    def _after_refused(self, used: str, refused: InvalidGrantError) -> dict | None:
+        """The OAuth server refused `used`: re-read the record once (SPEC §5 step 3)."""
+        self.sleep(self.settle_seconds)
+        current = self.store.get(self.member_id)
+        if current is None:
+            raise RevokedError(refused.code, "refused by the OAuth server; the record is gone", method="oauth")
+        if not current.refresh_token or current.refresh_token == used:
+            raise RevokedError(
+                refused.code, "refused by the OAuth server after a re-read found no newer token", method="oauth"
+            )
+        log.info("portal %s: another writer refreshed the tokens; adopting its pair", self.member_id)
+        self.record = current
+        if not current.refresh_due(self.clock()):
+            self.fresh = True
+            return None
+        try:
+            return self._call_oauth(current.refresh_token)
+        except InvalidGrantError as again:
+            raise RevokedError(
+                again.code, "refused by the OAuth server, also for the re-read token", method="oauth"
+            ) from None
+
+    def _persist(self) -> None:
+        """Write the record; a rotated refresh token must never be dropped (SPEC §7)."""
+        for attempt in range(1, _PUT_ATTEMPTS + 1):
+            try:
+                self.store.put(self.member_id, self.record)
+                return
+            except TransientError:
+                if attempt == _PUT_ATTEMPTS:
+                    log.error(
+                        "portal %s: could not persist a refreshed token pair after %d attempts; "
+                        "the chain is at risk",
+                        self.member_id,
+                        attempt,
+                    )
+                    raise
+                self.sleep(min(8.0, 0.5 * 2**attempt))
+
+    def follow_rename(self, client_endpoint: str) -> None:
+        """The portal answered 302: remember (and, unless a dry run, persist) its new address."""
+        if client_endpoint == self.record.client_endpoint:
+            return
+        log.info("portal %s moved; following the redirect to its new address", self.member_id)
+        self.record.set_client_endpoint(client_endpoint)
+        if self.persist_renames:
+            self._persist()
+
+
+def check_usable(record: PortalRecord) -> None:
+    """A record the client can work with names an endpoint and a refresh token."""
+    if not record.client_endpoint.startswith(("http://", "https://")):
+        raise PermanentError("RECORD_INVALID", "the portal record has no usable client_endpoint")
+    if not record.refresh_token and not record.access_token:
+        raise PermanentError("RECORD_INVALID", "the portal record holds no tokens")
