@@ -1,0 +1,160 @@
+"""The embedded default: the Bitrix24 emulator plus AWS in-process (moto), seeded with one app.
+
+The demo, the integration tests and the benchmarks all run on this, so that what they show is
+the same system. Needs the dev extra (moto); nothing here is imported by the Lambda handlers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .emulator import App, Emulator, Installation, Portal
+from .record import PortalRecord
+from .store import PortalStore
+
+DEFAULT_PREFIX = "/b24-cleanup/demo"
+REGION = "us-east-1"
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",  # noqa: S105 - moto's fake credentials
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
+}
+
+
+@dataclass
+class SeededPortal:
+    portal: Portal
+    installation: Installation
+
+    @property
+    def member_id(self) -> str:
+        return self.portal.member_id
+
+
+class Sandbox:
+    """An emulator and a moto account holding one app's SSM parameters and job queues."""
+
+    def __init__(self, emulator: Emulator, store: PortalStore, app: App, queue_url: str, dlq_url: str) -> None:
+        self.emulator = emulator
+        self.store = store
+        self.app = app
+        self.queue_url = queue_url
+        self.dlq_url = dlq_url
+
+    @property
+    def prefix(self) -> str:
+        return self.store.prefix
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """The SPEC §4 environment for the handlers, pointed at this sandbox."""
+        env = {"B24_SSM_PREFIX": self.prefix, "B24_QUEUE_URL": self.queue_url}
+        env.update(overrides)
+        return env
+
+    def put_declared(self, handlers: Iterable[Mapping[str, Any]] | str | None) -> None:
+        """Store the declared set (a list of entries, raw text, or None to delete it)."""
+        name = f"{self.prefix}/app/handlers"
+        client = self.store.client
+        if handlers is None:
+            try:
+                client.delete_parameter(Name=name)
+            except client.exceptions.ParameterNotFound:
+                pass
+            return
+        text = handlers if isinstance(handlers, str) else json.dumps({"handlers": list(handlers)})
+        client.put_parameter(Name=name, Value=text, Type="String", Overwrite=True)
+
+    def add_portal(
+        self,
+        domain: str,
+        *,
+        member_id: str | None = None,
+        handlers: Iterable[Mapping[str, Any]] = (),
+        expired: bool = False,
+        store: bool = True,
+        extra: Mapping[str, Any] | None = None,
+    ) -> SeededPortal:
+        """Install the app on a new emulated portal, bind `handlers`, store its record in SSM.
+
+        Each handler is `{"event", "handler"?, "user_id"?, "offline"?, "connector_id"?}`.
+        """
+        portal = self.emulator.add_portal(domain, member_id)
+        installation = self.emulator.install(portal, self.app)
+        for row in handlers:
+            portal.bind(
+                self.app,
+                row["event"],
+                row.get("handler"),
+                user_id=int(row.get("user_id", 0)),
+                offline=bool(row.get("offline", False)),
+                connector_id=str(row.get("connector_id", "")),
+            )
+        record = PortalRecord(self.emulator.record_for(installation))
+        if expired:
+            record.data["expires"] = 1  # long past: the first call must refresh
+        record.data.update(extra or {})
+        if store:
+            self.store.put(portal.member_id, record)
+        return SeededPortal(portal, installation)
+
+    def record(self, member_id: str) -> PortalRecord | None:
+        return self.store.get(member_id)
+
+
+@contextmanager
+def sandbox(
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    declared: Iterable[Mapping[str, Any]] | str | None = None,
+    emulator: Emulator | None = None,
+    **emulator_options: Any,
+) -> Iterator[Sandbox]:
+    """Start moto and the emulator, seed the app's credentials and declared set, yield a Sandbox."""
+    from moto import mock_aws  # dev dependency, imported only here
+
+    saved = {key: os.environ.get(key) for key in FAKE_AWS_ENV}
+    os.environ.update(FAKE_AWS_ENV)
+    try:
+        with mock_aws():
+            import boto3
+
+            from .store import BOTO_CONFIG
+
+            ssm = boto3.client("ssm", region_name=REGION, config=BOTO_CONFIG)
+            sqs = boto3.client("sqs", region_name=REGION)
+            dlq_url = sqs.create_queue(QueueName="b24-cleanup-dlq.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+            dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            queue_url = sqs.create_queue(
+                QueueName="b24-cleanup-jobs.fifo",
+                Attributes={
+                    "FifoQueue": "true",
+                    "VisibilityTimeout": "0",
+                    "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
+                },
+            )["QueueUrl"]
+            emu = emulator or Emulator(**emulator_options)
+            with emu:
+                app = emu.add_app()
+                store = PortalStore(prefix, client=ssm)
+                ssm.put_parameter(
+                    Name=f"{prefix}/app/credentials",
+                    Value=json.dumps({"client_id": app.client_id, "client_secret": app.client_secret}),
+                    Type="SecureString",
+                )
+                box = Sandbox(emu, store, app, queue_url, dlq_url)
+                if declared is not None:
+                    box.put_declared(declared)
+                yield box
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

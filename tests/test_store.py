@@ -1,0 +1,122 @@
+"""The SSM token store on moto: layout, type/KMS/tier kept, guarded delete, listing without decryption."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from b24_cleanup.errors import ConfigError, TransientError
+from b24_cleanup.record import PortalRecord
+from b24_cleanup.store import PortalStore
+
+PREFIX = "/b24-cleanup/test"
+
+
+@pytest.fixture
+def ssm(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    for key, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    with mock_aws():
+        yield boto3.client("ssm", region_name="us-east-1")
+
+
+@pytest.fixture
+def store(ssm: object) -> PortalStore:
+    return PortalStore(PREFIX, client=ssm)  # type: ignore[arg-type]
+
+
+def record(member_id: str = "m1", **extra: object) -> PortalRecord:
+    return PortalRecord({"member_id": member_id, "application_token": "app-1", "refresh_token": "r", **extra})
+
+
+def test_prefix_must_be_absolute() -> None:
+    with pytest.raises(ConfigError):
+        PortalStore("relative")
+
+
+def test_new_record_is_a_secure_string_and_round_trips(store: PortalStore, ssm) -> None:
+    store.put("m1", record(custom={"a": 1}))
+    meta = ssm.describe_parameters(ParameterFilters=[{"Key": "Name", "Values": [f"{PREFIX}/portals/m1"]}])
+    assert meta["Parameters"][0]["Type"] == "SecureString"
+    assert store.get("m1").data["custom"] == {"a": 1}
+    assert store.get("nobody") is None
+
+
+def test_overwrite_keeps_kms_key_and_tier(store: PortalStore, ssm) -> None:
+    key_id = boto3.client("kms", region_name="us-east-1").create_key()["KeyMetadata"]["KeyId"]
+    name = f"{PREFIX}/portals/m1"
+    ssm.put_parameter(Name=name, Value=record().to_json(), Type="SecureString", KeyId=key_id, Tier="Advanced")
+
+    store.put("m1", record(access_token="new"))
+
+    meta = ssm.describe_parameters(ParameterFilters=[{"Key": "Name", "Values": [name]}])["Parameters"][0]
+    assert meta["KeyId"] == key_id
+    assert meta["Tier"] == "Advanced"
+    assert meta["Version"] == 2
+    assert store.get("m1").access_token == "new"
+
+
+def test_guarded_delete_only_removes_the_same_install(store: PortalStore) -> None:
+    store.put("m1", record())
+    assert store.delete_if_token("m1", "app-0") is False
+    assert store.get("m1") is not None
+    assert store.delete_if_token("m1", "app-1") is True
+    assert store.get("m1") is None
+    assert store.delete_if_token("m1", "app-1") is False
+
+
+def test_iter_member_ids_pages_through_everything_without_other_paths(store: PortalStore, ssm) -> None:
+    for i in range(120):
+        ssm.put_parameter(Name=f"{PREFIX}/portals/m{i:03d}", Value="{}", Type="SecureString")
+    ssm.put_parameter(Name=f"{PREFIX}/app/handlers", Value="{}", Type="String")
+    ssm.put_parameter(Name="/other/portals/zzz", Value="{}", Type="String")
+
+    calls = []
+    ssm.meta.events.register("before-call.ssm.*", lambda model, **kw: calls.append(model.name))
+    ids = list(store.iter_member_ids())
+
+    assert sorted(ids) == [f"m{i:03d}" for i in range(120)]
+    assert set(calls) == {"DescribeParameters"}  # nothing decrypted, nothing read
+    assert len(calls) > 1  # paginated (real SSM gives 50 a page; moto gives 10)
+
+
+def test_app_credentials(store: PortalStore, ssm) -> None:
+    name = f"{PREFIX}/app/credentials"
+    with pytest.raises(ConfigError, match="missing"):
+        store.app_credentials()
+    ssm.put_parameter(Name=name, Value="not json", Type="SecureString")
+    with pytest.raises(ConfigError, match="JSON") as err:
+        store.app_credentials()
+    assert "not json" not in str(err.value)
+    ssm.put_parameter(Name=name, Value=json.dumps({"client_id": "app", "client_secret": "s3cr3t"}), Type="SecureString",
+                      Overwrite=True)
+    creds = store.app_credentials()
+    assert (creds.client_id, creds.client_secret) == ("app", "s3cr3t")
+    assert "s3cr3t" not in repr(creds)
+
+
+def test_corrupt_record_is_a_config_error(store: PortalStore, ssm) -> None:
+    ssm.put_parameter(Name=f"{PREFIX}/portals/m1", Value="[]", Type="SecureString")
+    with pytest.raises(ConfigError):
+        store.get("m1")
+
+
+def test_throttling_is_transient(store: PortalStore, ssm) -> None:
+    from botocore.exceptions import ClientError
+
+    def throttle(**kwargs: object) -> None:
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
+                           "ResponseMetadata": {"HTTPStatusCode": 400}}, "GetParameter")
+
+    ssm.meta.events.register("before-call.ssm.GetParameter", throttle)
+    with pytest.raises(TransientError):
+        store.get("m1")
+
+
+def test_malformed_member_id_never_reaches_ssm(store: PortalStore) -> None:
+    with pytest.raises(ValueError, match="member_id"):
+        store.get("../app/credentials")
