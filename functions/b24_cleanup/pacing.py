@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 DEFAULT_RATE = 2.0
 DEFAULT_BURST = 50
+# Requests reach the portal with varying delays, so two sent 1/rate apart may arrive closer
+# together. Keeping a few units below the portal's burst absorbs that jitter (5 units = 2.5 s at
+# 2 requests/s) at the cost of starting to pace a little earlier.
+HEADROOM = 5
 
 
 class LeakyBucket:
@@ -69,7 +73,7 @@ class LeakyBucket:
 
 @dataclass(frozen=True)
 class Backoff:
-    """Exponential backoff with full jitter, bounded in attempts and per-wait seconds."""
+    """Exponential backoff with jitter (between half and all of the step), bounded in attempts and per-wait seconds."""
 
     attempts: int = 5  # tries in all, the first one included
     base: float = 0.5
@@ -84,9 +88,9 @@ class Backoff:
 class BucketRegistry:
     """One bucket per portal for the life of the process (a warm Lambda keeps its pacing)."""
 
-    def __init__(self, rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST) -> None:
+    def __init__(self, rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST, headroom: int = HEADROOM) -> None:
         self.rate = rate
-        self.burst = burst
+        self.burst = max(1, burst - headroom)
         self._buckets: dict[str, LeakyBucket] = {}
         self._lock = threading.Lock()
 

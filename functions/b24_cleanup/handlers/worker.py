@@ -56,8 +56,10 @@ def _run_group(records: list[dict[str, Any]], totals: _Totals, context: LambdaCo
         try:
             job = Job.parse(record.body)
         except ValueError as exc:
-            logger.error("bad job body; the record fails and ends in the DLQ",
-                         extra={"message_id": record.message_id, "reason": str(exc)})
+            logger.error(
+                "bad job body; the record fails and ends in the DLQ",
+                extra={"message_id": record.message_id, "reason": str(exc)},
+            )
             raise
         try:
             result = engine().run(job)

@@ -1,0 +1,697 @@
+"""The emulated world without HTTP: apps, portals, installations, tokens, handler rows, faults.
+
+One re-entrant lock guards all of it. Request handling takes the lock only for bookkeeping and
+method execution, never while sleeping (latency, injected timeouts), so that concurrent
+requests to different portals overlap in time as they would against real portals.
+
+Token rules (reference §7, §11):
+- a token is bound to one portal, one app, one user and one *generation* of the installation
+  (a reinstall starts a new generation; tokens of the old one are unknown to the portal);
+- refresh tokens are single-use: a refresh marks the used one spent and its access token
+  superseded, at once (no grace period);
+- the portal checks an access token in the order of [src]: known? → app installed? → not
+  expired/superseded? → user still exists?
+"""
+
+from __future__ import annotations
+
+import hmac
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import methods
+from .models import (
+    STATUSES,
+    ApiError,
+    App,
+    Installation,
+    LogEntry,
+    Reply,
+    TokenPair,
+    new_client_id,
+    new_client_secret,
+    new_member_id,
+    new_token,
+    time_block,
+)
+
+CHAOS_FAULTS = ("INTERNAL_SERVER_ERROR", "QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT", "timeout")
+TIMEOUT = "timeout"
+
+# HTTP status of each error the OAuth server may give for an uninstalled app (reference §7, §14).
+_OAUTH_GONE_STATUS = {"invalid_grant": 400}
+
+
+# -- internal records ------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """One row of `b_rest_event`: unique on (app, event, handler, user, connector)."""
+
+    id: int
+    client_id: str
+    event: str
+    handler: str  # "" for offline rows
+    user_id: int
+    connector_id: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, str, int, str]:
+        return (self.client_id, self.event, self.handler, self.user_id, self.connector_id)
+
+    def as_item(self) -> dict[str, Any]:
+        """The `event.get` item shape of reference §3."""
+        if self.handler:
+            return {"event": self.event, "handler": self.handler, "auth_type": str(self.user_id), "offline": 0}
+        return {"event": self.event, "connector_id": self.connector_id, "offline": 1}
+
+
+@dataclass
+class _Install:
+    client_id: str
+    installed: bool
+    generation: int
+    application_token: str
+    user_id: int
+
+
+@dataclass
+class _Access:
+    member_id: str
+    client_id: str
+    user_id: int
+    generation: int
+    expires: float
+    superseded: bool = False
+
+
+@dataclass
+class _Refresh:
+    member_id: str
+    client_id: str
+    user_id: int
+    generation: int
+    access_token: str
+    chain: int
+    used: bool = False
+
+
+@dataclass
+class _FailNext:
+    remaining: int
+    code: str
+    status: int
+    methods: frozenset[str] | None
+
+
+@dataclass
+class _FailCommand:
+    match: Callable[[str, dict[str, Any]], bool]
+    code: str
+    status: int
+    remaining: int | None
+
+
+def _status_for(code: str, default: int) -> int:
+    return STATUSES.get(code, default)
+
+
+def _injected(code: str, status: int) -> ApiError:
+    return ApiError(code, None, status)
+
+
+# -- Portal ----------------------------------------------------------------------------------
+
+
+class Portal:
+    """One Bitrix24 portal: its users, handler rows, installations, rate bucket and faults.
+
+    Tunable attributes (plain, set them any time): `users` (user id → is admin), `latency`
+    (seconds added to each request), `rate`/`burst` (None: the emulator's), `refuse_batch`,
+    `license_auth_connector`, `deleted` (every request answers PORTAL_DELETED).
+    """
+
+    def __init__(
+        self,
+        state: State,
+        domain: str,
+        member_id: str,
+        users: dict[int, bool],
+        rate: float | None,
+        burst: int | None,
+    ) -> None:
+        self._state = state
+        self._domain = domain
+        self.member_id = member_id
+        self.users: dict[int, bool] = dict(users)
+        self.rate = rate
+        self.burst = burst
+        self.latency = 0.0
+        self.refuse_batch = False
+        self.license_auth_connector = True
+        self.deleted = False
+        self._rows: list[_Row] = []
+        self._next_row_id = 1
+        self._installs: dict[str, _Install] = {}
+        self._level = 0.0
+        self._level_at = time.monotonic()
+        self._fail_next: list[_FailNext] = []
+        self._fail_commands: list[_FailCommand] = []
+
+    def __repr__(self) -> str:
+        return f"Portal(domain={self._domain!r}, member_id={self.member_id!r})"
+
+    @property
+    def domain(self) -> str:
+        return self._domain
+
+    @property
+    def client_endpoint(self) -> str:
+        """`{base_url}/{domain}/rest/`, following renames."""
+        return f"{self._state.base_url}/{self._domain}/rest/"
+
+    # -- seeding and inspection (no HTTP, no permission checks) ------------------------------
+    def bind(
+        self,
+        app: App,
+        event: str,
+        handler: str | None = None,
+        *,
+        user_id: int = 0,
+        offline: bool = False,
+        connector_id: str = "",
+    ) -> None:
+        """Seed a handler row directly. Raises ValueError on a duplicate row (the unique key)."""
+        if offline == bool(handler):
+            raise ValueError("an online row needs a handler URL, an offline row must have none")
+        try:
+            with self._state.lock:
+                self._add_row(
+                    app.client_id, event.upper(), handler or "", 0 if offline else int(user_id), connector_id, {}
+                )
+        except ApiError as err:
+            raise ValueError(err.description) from None
+
+    def handlers(self, app: App) -> list[dict[str, Any]]:
+        """The app's rows as an admin's `event.get` shows them."""
+        with self._state.lock:
+            return [row.as_item() for row in self._rows_of(app.client_id)]
+
+    def is_installed(self, app: App) -> bool:
+        with self._state.lock:
+            inst = self._installs.get(app.client_id)
+            return bool(inst and inst.installed)
+
+    def bucket_level(self) -> float:
+        """The leaky bucket's current level (requests counted and not yet drained)."""
+        with self._state.lock:
+            rate, _ = self._limits()
+            return max(0.0, self._level - (time.monotonic() - self._level_at) * rate)
+
+    # -- fault injection ---------------------------------------------------------------------
+    def fail_next(
+        self,
+        n: int,
+        code: str = "INTERNAL_SERVER_ERROR",
+        status: int | None = None,
+        *,
+        methods: set[str] | None = None,
+    ) -> None:
+        """The next `n` top-level REST requests (of `methods`, if given) fail without executing.
+
+        Counted among the requests the rate bucket admitted, before authentication. `code=
+        "timeout"` drops the connection after `Emulator.timeout_delay` seconds. `status`
+        defaults to the code's documented one (500 for unknown codes).
+        """
+        names = frozenset(m.lower() for m in methods) if methods else None
+        with self._state.lock:
+            self._fail_next.append(_FailNext(n, code, status or _status_for(code, 500), names))
+
+    def fail_command(
+        self,
+        match: Callable[[str, dict[str, Any]], bool],
+        code: str,
+        status: int | None = None,
+        times: int | None = None,
+    ) -> None:
+        """Calls for which `match(method, params)` is true answer `code` without executing.
+
+        Checked for single calls (after authentication) and for each `batch` sub-call, where
+        `params` are the parsed query strings (strings); `params` never include `auth`. `status`
+        defaults to the code's documented one (400 for unknown codes). `times=None`: always.
+        """
+        with self._state.lock:
+            self._fail_commands.append(_FailCommand(match, code, status or _status_for(code, 400), times))
+
+    def clear_faults(self) -> None:
+        with self._state.lock:
+            self._fail_next.clear()
+            self._fail_commands.clear()
+
+    # -- portal life -------------------------------------------------------------------------
+    def rename(self, new_domain: str) -> None:
+        """The portal moves: its old address answers 302 to the new one (reference §8)."""
+        self._state._rename(self, new_domain)
+
+    def expire_tokens(self, app: App) -> None:
+        """Every access token of `app` on this portal is expired from now on."""
+        self._state._expire(self, app)
+
+    # -- internals (caller holds the state lock) ----------------------------------------------
+    def _rows_of(self, client_id: str) -> list[_Row]:
+        return [row for row in self._rows if row.client_id == client_id]
+
+    def _add_row(
+        self, client_id: str, event: str, handler: str, user_id: int, connector: str, options: dict[str, Any]
+    ) -> None:
+        row = _Row(self._next_row_id, client_id, event, handler, user_id, connector, dict(options))
+        if any(existing.key == row.key for existing in self._rows):
+            raise ApiError("ERROR_CORE", "Unable to set event handler: Handler already binded")
+        self._next_row_id += 1
+        self._rows.append(row)
+
+    def _delete_rows(self, client_id: str, predicate: Callable[[_Row], bool]) -> int:
+        keep = [r for r in self._rows if r.client_id != client_id or not predicate(r)]
+        removed = len(self._rows) - len(keep)
+        self._rows = keep
+        return removed
+
+    def _limits(self) -> tuple[float, int]:
+        rate = self.rate if self.rate is not None else self._state.rate
+        burst = self.burst if self.burst is not None else self._state.burst
+        return rate, burst
+
+    def _take(self) -> bool:
+        """Leaky bucket (reference §10): +1 per admitted request, draining `rate`/s.
+
+        A request that would lift the level above `burst` is rejected and does *not* add to
+        the level (so a client that backs off recovers at the documented drain rate).
+        """
+        rate, burst = self._limits()
+        now = time.monotonic()
+        self._level = max(0.0, self._level - (now - self._level_at) * rate)
+        self._level_at = now
+        if self._level + 1 > burst + 1e-9:
+            return False
+        self._level += 1
+        return True
+
+    def _top_fault(self, method: str) -> _FailNext | None:
+        for rule in self._fail_next:
+            if rule.remaining > 0 and (rule.methods is None or method in rule.methods):
+                rule.remaining -= 1
+                if rule.remaining <= 0:
+                    self._fail_next.remove(rule)
+                return rule
+        return None
+
+    def _command_fault(self, method: str, params: dict[str, Any]) -> ApiError | None:
+        for rule in self._fail_commands:
+            if rule.match(method, dict(params)):
+                if rule.remaining is not None:
+                    rule.remaining -= 1
+                    if rule.remaining <= 0:
+                        self._fail_commands.remove(rule)
+                return _injected(rule.code, rule.status)
+        return None
+
+
+# -- State -----------------------------------------------------------------------------------
+
+
+class State:
+    """Everything the emulator knows; the HTTP layer turns requests into calls on it."""
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        rate: float = 2.0,
+        burst: int = 50,
+        rate_limit: bool = True,
+        access_ttl: int = 3600,
+        uninstalled_refresh_error: str = "invalid_grant",
+        base_url: str = "http://127.0.0.1:0",
+        timeout_delay: float = 1.0,
+    ) -> None:
+        self.lock = threading.RLock()
+        self.base_url = base_url
+        self.latency = latency
+        self.rate = rate
+        self.burst = burst
+        self.rate_limit = rate_limit
+        self.access_ttl = access_ttl
+        self.uninstalled_refresh_error = uninstalled_refresh_error
+        self.timeout_delay = timeout_delay
+        self.apps: dict[str, App] = {}
+        self.portals: dict[str, Portal] = {}  # by member_id
+        self._by_domain: dict[str, Portal] = {}  # current domains and old ones (renames)
+        self._access: dict[str, _Access] = {}
+        self._refresh: dict[str, _Refresh] = {}
+        self._chains: dict[int, TokenPair] = {}
+        self._next_chain = 1
+        self._chaos_rate = 0.0
+        self._chaos_faults: tuple[str, ...] = CHAOS_FAULTS
+        self._rng = random.Random()
+        self._log: list[LogEntry] = []
+        self._log_lock = threading.Lock()
+
+    # -- endpoints ---------------------------------------------------------------------------
+    @property
+    def server_endpoint(self) -> str:
+        return f"{self.base_url}/rest/"
+
+    @property
+    def oauth_host(self) -> str:
+        return self.base_url.split("://", 1)[-1]
+
+    # -- registry ----------------------------------------------------------------------------
+    def add_app(
+        self, client_id: str | None = None, client_secret: str | None = None, *, scope: str = "crm,user"
+    ) -> App:
+        app = App(client_id or new_client_id(), client_secret or new_client_secret(), scope=scope)
+        with self.lock:
+            if app.client_id in self.apps:
+                raise ValueError(f"app {app.client_id} exists already")
+            self.apps[app.client_id] = app
+        return app
+
+    def add_portal(
+        self,
+        domain: str,
+        member_id: str | None = None,
+        *,
+        users: dict[int, bool] | None = None,
+        rate: float | None = None,
+        burst: int | None = None,
+    ) -> Portal:
+        _check_domain(domain)
+        member_id = member_id or new_member_id()
+        portal = Portal(self, domain, member_id, users if users is not None else {1: True, 2: False}, rate, burst)
+        with self.lock:
+            if member_id in self.portals:
+                raise ValueError(f"a portal with member_id {member_id} exists already")
+            if domain in self._by_domain:
+                raise ValueError(f"domain {domain} is taken")
+            self.portals[member_id] = portal
+            self._by_domain[domain] = portal
+        return portal
+
+    def portal(self, key: str) -> Portal:
+        """A portal by member_id or by (current or old) domain."""
+        with self.lock:
+            found = self.portals.get(key) or self._by_domain.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def _rename(self, portal: Portal, new_domain: str) -> None:
+        _check_domain(new_domain)
+        with self.lock:
+            owner = self._by_domain.get(new_domain)
+            if owner is not None and owner is not portal:
+                raise ValueError(f"domain {new_domain} is taken")
+            self._by_domain[new_domain] = portal
+            portal._domain = new_domain
+
+    # -- installations and tokens -------------------------------------------------------------
+    def install(self, portal: Portal, app: App, user_id: int = 1) -> Installation:
+        """Install `app` on `portal` (a new generation: tokens of an earlier install are dead)."""
+        with self.lock:
+            self._check_user(portal, user_id)
+            inst = portal._installs.get(app.client_id)
+            if inst is not None and inst.installed:
+                raise ValueError(f"{app.client_id} is already installed on {portal.domain}: update or uninstall")
+            generation = inst.generation + 1 if inst else 1
+            inst = _Install(app.client_id, True, generation, new_token(16), user_id)
+            portal._installs[app.client_id] = inst
+            chain = self._new_chain()
+            pair = self._issue(portal, app, user_id, self.access_ttl, chain)
+            return Installation(portal, app, user_id, inst.application_token, pair, "ONAPPINSTALL", chain)
+
+    def update(self, portal: Portal, app: App, user_id: int | None = None) -> Installation:
+        """An app update: a new `application_token` (reference §5.3) and a new token pair.
+
+        Handler rows and earlier tokens stay valid (handlers are kept on update, reference §2).
+        """
+        with self.lock:
+            inst = self._installed(portal, app)
+            user = inst.user_id if user_id is None else user_id
+            self._check_user(portal, user)
+            inst.application_token = new_token(16)
+            app.version += 1
+            chain = self._new_chain()
+            pair = self._issue(portal, app, user, self.access_ttl, chain)
+            return Installation(portal, app, user, inst.application_token, pair, "ONAPPUPDATE", chain)
+
+    def uninstall(self, portal: Portal, app: App) -> str:
+        """Like [src] `CRestUtil::CleanApp`: delete all the app's rows, revoke its tokens.
+
+        Returns the installation's `application_token` (for the ONAPPUNINSTALL payload).
+        """
+        with self.lock:
+            inst = self._installed(portal, app)
+            inst.installed = False
+            portal._delete_rows(app.client_id, lambda _row: True)
+            return inst.application_token
+
+    def issue_tokens(self, portal: Portal, app: App, user_id: int, expires_in: int | None = None) -> TokenPair:
+        """A fresh pair (a new chain) for another user of an installed app."""
+        with self.lock:
+            self._installed(portal, app)
+            self._check_user(portal, user_id)
+            return self._issue(
+                portal, app, user_id, self.access_ttl if expires_in is None else expires_in, self._new_chain()
+            )
+
+    def latest_tokens(self, chain: int) -> TokenPair:
+        """The newest pair of a token chain (after any refreshes)."""
+        with self.lock:
+            return self._chains[chain]
+
+    def application_token(self, portal: Portal, app: App) -> str:
+        with self.lock:
+            return self._installed(portal, app).application_token
+
+    def _installed(self, portal: Portal, app: App) -> _Install:
+        inst = portal._installs.get(app.client_id)
+        if inst is None or not inst.installed:
+            raise ValueError(f"{app.client_id} is not installed on {portal.domain}")
+        return inst
+
+    @staticmethod
+    def _check_user(portal: Portal, user_id: int) -> None:
+        if user_id not in portal.users:
+            raise ValueError(f"user {user_id} does not exist on {portal.domain}")
+
+    def _new_chain(self) -> int:
+        chain = self._next_chain
+        self._next_chain += 1
+        return chain
+
+    def _issue(self, portal: Portal, app: App, user_id: int, expires_in: int, chain: int) -> TokenPair:
+        inst = portal._installs[app.client_id]
+        now = time.time()
+        access, refresh = new_token(), new_token()
+        self._access[access] = _Access(portal.member_id, app.client_id, user_id, inst.generation, now + expires_in)
+        self._refresh[refresh] = _Refresh(portal.member_id, app.client_id, user_id, inst.generation, access, chain)
+        pair = TokenPair(access, refresh, int(now + expires_in), expires_in, user_id, portal.member_id, app.client_id)
+        self._chains[chain] = pair
+        return pair
+
+    def _expire(self, portal: Portal, app: App) -> None:
+        with self.lock:
+            past = time.time() - 1
+            for rec in self._access.values():
+                if rec.member_id == portal.member_id and rec.client_id == app.client_id:
+                    rec.expires = min(rec.expires, past)
+
+    # -- chaos -------------------------------------------------------------------------------
+    def set_chaos(self, rate: float, faults: list[str] | None = None, seed: int | None = None) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("chaos rate must be within [0, 1]")
+        chosen = tuple(faults) if faults else CHAOS_FAULTS
+        unknown = [f for f in chosen if f not in CHAOS_FAULTS]
+        if unknown:
+            raise ValueError(f"unknown chaos faults: {unknown}")
+        with self.lock:
+            self._chaos_rate = rate
+            self._chaos_faults = chosen
+            if seed is not None:
+                self._rng = random.Random(seed)
+
+    def _chaos_fault(self) -> str | None:
+        if self._chaos_rate <= 0 or self._rng.random() >= self._chaos_rate:
+            return None
+        return self._rng.choice(self._chaos_faults)
+
+    # -- REST requests -----------------------------------------------------------------------
+    def delay_for(self, domain: str | None) -> float:
+        """Seconds to sleep before answering (emulator-wide + the portal's)."""
+        with self.lock:
+            portal = self._by_domain.get(domain) if domain else None
+            return self.latency + (portal.latency if portal else 0.0)
+
+    def rest(self, domain: str, tail: str, query: str, params: dict[str, Any], auth: str | None) -> Reply:
+        """Answer `{base_url}/{domain}/rest/{tail}` with `params` (the `auth` already taken out)."""
+        method = methods.normalize_method(tail)
+        log: dict[str, Any] = {
+            "domain": domain,
+            "method": method or None,
+            "params_keys": sorted(str(k) for k in params),
+            "commands": methods.batch_command_names(params) if method == "batch" else [],
+        }
+        started = time.time()
+        with self.lock:
+            portal = self._by_domain.get(domain)
+            if portal is None:
+                return Reply.error(ApiError("PORTAL_NOT_FOUND", "Portal not found", 404), **log)
+            log["member_id"] = portal.member_id
+            if portal.domain != domain:
+                location = portal.client_endpoint + tail + (f"?{query}" if query else "")
+                page = f"<html><body>302 Found: {portal.client_endpoint}</body></html>"
+                return Reply(302, headers={"Location": location}, text=page, log=log)
+            if portal.deleted:
+                return Reply.error(ApiError("PORTAL_DELETED", None, 500), **log)
+            if self.rate_limit and not portal._take():
+                return Reply.error(ApiError("QUERY_LIMIT_EXCEEDED", None, 503), **log)
+            rule = portal._top_fault(method)
+            fault = (rule.code, rule.status) if rule else None
+            if fault is None:
+                chaos = self._chaos_fault()
+                fault = (chaos, _status_for(chaos, 500)) if chaos else None
+            if fault is not None:
+                if fault[0] == TIMEOUT:
+                    return Reply(0, drop_after=self.timeout_delay, log={**log, "error": TIMEOUT})
+                return Reply.error(_injected(*fault), **log)
+            try:
+                caller = self._authenticate(portal, auth)
+                log.update(client_id=caller.client_id, user_id=caller.user_id)
+                result = methods.call(caller, method, params)
+            except ApiError as err:
+                return Reply.error(err, **log)
+            return Reply(200, {"result": result, "time": time_block(started, time.time())}, log=log)
+
+    def _authenticate(self, portal: Portal, token: str | None) -> methods.Caller:
+        """The portal-side token check, in the order of reference §11."""
+        rec = self._access.get(token) if token else None
+        if rec is None or rec.member_id != portal.member_id:
+            raise ApiError("NO_AUTH_FOUND", None, 401)
+        inst = portal._installs.get(rec.client_id)
+        if inst is None or not inst.installed:
+            raise ApiError("APPLICATION_NOT_FOUND", None, 401)
+        if inst.generation != rec.generation:
+            raise ApiError("NO_AUTH_FOUND", None, 401)  # revoked by an uninstall, then reinstalled
+        if rec.superseded or rec.expires <= time.time():
+            raise ApiError("expired_token", None, 401)
+        if rec.user_id not in portal.users:
+            raise ApiError("authorization_error", None, 401)
+        return methods.Caller(portal, self.apps[rec.client_id], rec.user_id)
+
+    # -- OAuth server ------------------------------------------------------------------------
+    def oauth(self, http_method: str, query: dict[str, Any]) -> Reply:
+        """`GET /oauth/token/?grant_type=refresh_token&...` (reference §7)."""
+        q = {str(k): methods.text(v) for k, v in query.items()}
+        log: dict[str, Any] = {"method": q.get("grant_type") or None, "params_keys": sorted(q)}
+        if http_method != "GET":
+            return Reply.error(ApiError("invalid_request", "The token endpoint answers GET requests", 405), **log)
+        with self.lock:
+            if q.get("grant_type") != "refresh_token":
+                return Reply.error(ApiError("invalid_request", "Unsupported grant_type"), **log)
+            app = self.apps.get(q.get("client_id", ""))
+            if app is None or not hmac.compare_digest(q.get("client_secret", "").encode(), app.client_secret.encode()):
+                return Reply.error(ApiError("invalid_client", None, 401), **log)
+            log["client_id"] = app.client_id
+            token = q.get("refresh_token", "")
+            if not token:
+                return Reply.error(ApiError("invalid_request", "refresh_token is missing"), **log)
+            rec = self._refresh.get(token)
+            if rec is None:
+                return Reply.error(ApiError("invalid_grant"), **log)
+            portal = self.portals[rec.member_id]
+            log.update(member_id=portal.member_id, domain=portal.domain, user_id=rec.user_id)
+            if rec.client_id != app.client_id:
+                # b24pysdk: the real server answers wrong_client with HTTP 200.
+                return Reply.error(ApiError("wrong_client", None, 200), **log)
+            if rec.used:
+                return Reply.error(ApiError("invalid_grant"), **log)
+            inst = portal._installs.get(app.client_id)
+            if inst is None or not inst.installed:
+                code = self.uninstalled_refresh_error
+                return Reply.error(ApiError(code, None, _OAUTH_GONE_STATUS.get(code, 401)), **log)
+            if inst.generation != rec.generation:
+                return Reply.error(ApiError("invalid_grant"), **log)
+            rec.used = True
+            old_access = self._access.get(rec.access_token)
+            if old_access is not None:
+                old_access.superseded = True
+            pair = self._issue(portal, app, rec.user_id, self.access_ttl, rec.chain)
+            body = {
+                "access_token": pair.access_token,
+                "client_endpoint": portal.client_endpoint,
+                "domain": self.oauth_host,
+                "expires": pair.expires,
+                "expires_in": pair.expires_in,
+                "member_id": portal.member_id,
+                "refresh_token": pair.refresh_token,
+                "scope": app.scope,
+                "server_endpoint": self.server_endpoint,
+                "status": app.status,
+                "user_id": pair.user_id,
+            }
+            return Reply(200, body, log=log)
+
+    # -- request log -------------------------------------------------------------------------
+    def record(self, kind: str, reply: Reply, ts: float, duration: float, status: int | None = None) -> None:
+        info = reply.log
+        entry = LogEntry(
+            ts=ts,
+            kind=kind,
+            member_id=info.get("member_id"),
+            domain=info.get("domain"),
+            method=info.get("method"),
+            status=reply.status if status is None else status,
+            error=info.get("error"),
+            commands=list(info.get("commands", [])),
+            params_keys=list(info.get("params_keys", [])),
+            client_id=info.get("client_id"),
+            user_id=info.get("user_id"),
+            duration=duration,
+        )
+        with self._log_lock:
+            self._log.append(entry)
+
+    def log_entries(
+        self, *, member_id: str | None = None, kind: str | None = None, method: str | None = None
+    ) -> list[LogEntry]:
+        with self._log_lock:
+            entries = list(self._log)
+        return [
+            e
+            for e in entries
+            if (member_id is None or e.member_id == member_id)
+            and (kind is None or e.kind == kind)
+            and (method is None or e.method == method)
+        ]
+
+    def clear_log(self) -> None:
+        with self._log_lock:
+            self._log.clear()
+
+
+def _check_domain(domain: str) -> None:
+    """A domain becomes one path segment of the emulator's URLs: keep it one."""
+    if (
+        not domain
+        or domain != domain.strip()
+        or any(c in domain for c in "/?#%\\ ")
+        or domain in ("rest", "oauth")
+        or domain.startswith(("_", "."))
+    ):
+        raise ValueError(f"not a usable portal domain: {domain!r}")
