@@ -17,9 +17,8 @@ PREFIX = "/b24-cleanup/test"
 
 
 @pytest.fixture
-def ssm(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    for key, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
+def ssm() -> Iterator[object]:
+    # Fake credentials and region come from conftest's autouse fixture.
     with mock_aws():
         yield boto3.client("ssm", region_name="us-east-1")
 

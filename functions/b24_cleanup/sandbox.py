@@ -7,9 +7,10 @@ the same system. Needs the dev extra (moto); nothing here is imported by the Lam
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ DEFAULT_PREFIX = "/b24-cleanup/demo"
 REGION = "us-east-1"
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",  # noqa: S105 - moto's fake credentials
+    "AWS_SECRET_ACCESS_KEY": "testing",  # moto's fake credentials
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": REGION,
     "AWS_REGION": REGION,
@@ -63,10 +64,8 @@ class Sandbox:
         name = f"{self.prefix}/app/handlers"
         client = self.store.client
         if handlers is None:
-            try:
+            with suppress(client.exceptions.ParameterNotFound):
                 client.delete_parameter(Name=name)
-            except client.exceptions.ParameterNotFound:
-                pass
             return
         text = handlers if isinstance(handlers, str) else json.dumps({"handlers": list(handlers)})
         client.put_parameter(Name=name, Value=text, Type="String", Overwrite=True)
@@ -158,3 +157,78 @@ def sandbox(
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
+    """The event the SQS event source hands to the worker for received messages."""
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": {},
+                "md5OfBody": m.get("MD5OfBody", ""),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": REGION,
+            }
+            for m in messages
+        ]
+    }
+
+
+def drain(
+    sqs: Any, queue_url: str, handler: Callable[[dict[str, Any], Any], dict[str, Any]], context: Any,
+    *, max_rounds: int = 100,
+) -> int:
+    """Deliver the queue to `handler` as the SQS event source would, until it is empty.
+
+    Failed records stay on the queue and come back (moto moves them to the DLQ after
+    maxReceiveCount receives). Returns the number of handler invocations.
+    """
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    rounds = 0
+    while rounds < max_rounds:
+        got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"])
+        messages = got.get("Messages", [])
+        if not messages:
+            break
+        rounds += 1
+        answer = handler(sqs_event(messages, arn), context)
+        failed = {item["itemIdentifier"] for item in answer.get("batchItemFailures", [])}
+        done = [m for m in messages if m["MessageId"] not in failed]
+        for i in range(0, len(done), 10):
+            sqs.delete_message_batch(
+                QueueUrl=queue_url,
+                Entries=[{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done[i : i + 10])],
+            )
+    return rounds
+
+
+class ResultLog(logging.Handler):
+    """Collects the engine's per-job summaries (its log records carry `job`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.jobs: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job = getattr(record, "job", None)
+        if isinstance(job, dict):
+            self.jobs.append(dict(job))
+
+
+@contextmanager
+def collect_results() -> Iterator[ResultLog]:
+    log = logging.getLogger("b24_cleanup.engine")
+    handler = ResultLog()
+    log.addHandler(handler)
+    previous = log.level
+    log.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
 from .errors import ConfigError, TransientError
 from .record import PortalRecord, valid_member_id
@@ -32,7 +32,10 @@ _THROTTLE_CODES = {"ThrottlingException", "TooManyUpdates", "InternalServerError
 
 def ssm_client() -> SSMClient:
     """An SSM client with adaptive retries; endpoints come from the standard AWS variables."""
-    return boto3.client("ssm", config=BOTO_CONFIG)
+    try:
+        return boto3.client("ssm", config=BOTO_CONFIG)
+    except NoRegionError:
+        raise ConfigError("no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, or a profile's region)") from None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ def _aws_error(exc: Exception, what: str) -> Exception:
         if code in _THROTTLE_CODES or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
             return TransientError(f"SSM_{code or 'ERROR'}", what)
         return ConfigError(f"SSM {code} while {what}")
+    if isinstance(exc, NoCredentialsError):
+        return ConfigError("no AWS credentials found (environment, profile or instance role)")
     return TransientError("SSM_UNREACHABLE", f"{what}: {type(exc).__name__}")
 
 
@@ -111,16 +116,16 @@ class PortalStore:
                 return _ParamMeta(param.get("Type", "SecureString"), param.get("KeyId"), param.get("Tier", "Standard"))
         return None
 
-    def _put(self, name: str, value: str, meta: _ParamMeta | None) -> None:
+    def _put(self, name: str, value: str, meta: _ParamMeta | None, *, secure: bool = False) -> None:
         args: dict[str, Any] = {"Name": name, "Value": value, "Overwrite": True}
         if meta is None:
             args["Type"] = "SecureString"
         else:
             # Without KeyId an overwrite would silently move to the default aws/ssm key, and a
             # Standard tier on an Advanced parameter fails: keep what the operator chose.
-            args["Type"] = meta.type
+            args["Type"] = "SecureString" if secure else meta.type
             args["Tier"] = meta.tier
-            if meta.type == "SecureString" and meta.key_id:
+            if args["Type"] == "SecureString" and meta.key_id:
                 args["KeyId"] = meta.key_id
         try:
             self.client.put_parameter(**args)
@@ -138,10 +143,13 @@ class PortalStore:
         except ValueError:
             raise ConfigError(f"portal record of {member_id} is not a JSON object") from None
 
-    def put(self, member_id: str, record: PortalRecord) -> None:
-        """Write the whole record, keeping the parameter's type, KMS key and tier."""
+    def put(self, member_id: str, record: PortalRecord, *, secure: bool = False) -> None:
+        """Write the whole record, keeping the parameter's type, KMS key and tier.
+
+        `secure` forces SecureString (registration stores tokens only encrypted, SPEC §9).
+        """
         name = self.portal_name(member_id)
-        self._put(name, record.to_json(), self._meta(name))
+        self._put(name, record.to_json(), self._meta(name), secure=secure)
 
     def delete_if_token(self, member_id: str, application_token: str) -> bool:
         """Delete the record only while its `application_token` still equals `application_token`.

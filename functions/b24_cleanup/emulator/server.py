@@ -400,6 +400,10 @@ class Emulator:
         form = payloads.uninstall_form(self.state, portal, application_token, clean=clean)
         return payloads.post_form(uninstall_url, form)
 
+    def secrets(self) -> set[str]:
+        """Every token, client secret and application token issued so far (for leak checks)."""
+        return self.state.secrets()
+
     def issue_tokens(self, portal: Portal, app: App, user_id: int, *, expires_in: int | None = None) -> TokenPair:
         """Another pair (a new chain), e.g. for a non-admin; negative `expires_in`: expired."""
         return self.state.issue_tokens(portal, app, user_id, expires_in)

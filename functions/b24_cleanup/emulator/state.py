@@ -361,6 +361,7 @@ class State:
         self._rng = random.Random()
         self._log: list[LogEntry] = []
         self._log_lock = threading.Lock()
+        self._application_tokens: set[str] = set()  # every one ever issued, for leak checks
 
     # -- endpoints ---------------------------------------------------------------------------
     @property
@@ -430,6 +431,7 @@ class State:
                 raise ValueError(f"{app.client_id} is already installed on {portal.domain}: update or uninstall")
             generation = inst.generation + 1 if inst else 1
             inst = _Install(app.client_id, True, generation, new_token(16), user_id)
+            self._application_tokens.add(inst.application_token)
             portal._installs[app.client_id] = inst
             chain = self._new_chain()
             pair = self._issue(portal, app, user_id, self.access_ttl, chain)
@@ -445,6 +447,7 @@ class State:
             user = inst.user_id if user_id is None else user_id
             self._check_user(portal, user)
             inst.application_token = new_token(16)
+            self._application_tokens.add(inst.application_token)
             app.version += 1
             chain = self._new_chain()
             pair = self._issue(portal, app, user, self.access_ttl, chain)
@@ -460,6 +463,19 @@ class State:
             inst.installed = False
             portal._delete_rows(app.client_id, lambda _row: True)
             return inst.application_token
+
+    def secrets(self) -> set[str]:
+        """Every secret this emulator issued: tokens, client secrets, application tokens.
+
+        What the leak checks search every log line, output and exception message for.
+        """
+        with self.lock:
+            return (
+                set(self._access)
+                | set(self._refresh)
+                | {app.client_secret for app in self.apps.values()}
+                | set(self._application_tokens)
+            )
 
     def issue_tokens(self, portal: Portal, app: App, user_id: int, expires_in: int | None = None) -> TokenPair:
         """A fresh pair (a new chain) for another user of an installed app."""

@@ -99,3 +99,10 @@ def process(event: dict[str, Any], context: LambdaContext | None = None) -> dict
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return process(event, context)
+
+
+def reset_engine() -> None:
+    """Forget the cached engine (tests and the demo change the environment between runs)."""
+    global _engine
+    with _engine_lock:
+        _engine = None

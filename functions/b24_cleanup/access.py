@@ -1,0 +1,105 @@
+"""Token access for the app's own backend (SPEC §9): the same chain the worker uses.
+
+    from b24_cleanup.access import TokenAccess
+
+    tokens = TokenAccess.from_env()            # B24_SSM_PREFIX, optional B24_OAUTH_URL
+    portal = tokens.get(member_id)             # refreshes (and persists first) when due
+    answer = call(portal.client_endpoint, portal.access_token)
+    if answer_says_expired_token:
+        portal = tokens.after_expired(member_id, portal.access_token)
+
+No Lambda needed. Every refresh goes through :class:`~b24_cleanup.tokens.TokenKeeper`, so the
+record in SSM stays the one store of the portal's single-use refresh chain.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import requests
+
+from .errors import ConfigError, PermanentError
+from .oauth import OAuthClient
+from .store import AppCredentials, PortalStore
+from .tokens import DEFAULT_SETTLE_SECONDS, TokenKeeper, check_usable
+
+
+class PortalNotFound(LookupError):
+    """No record for that member id: the app is not registered on the portal (or was removed)."""
+
+
+@dataclass(frozen=True)
+class PortalAccess:
+    member_id: str
+    client_endpoint: str
+    access_token: str
+    expires: int
+
+    def __repr__(self) -> str:  # never the token
+        return f"PortalAccess(member_id={self.member_id!r}, client_endpoint={self.client_endpoint!r})"
+
+
+class TokenAccess:
+    """Hands out working access tokens for portals, refreshing under the one-chain protocol."""
+
+    def __init__(
+        self,
+        store: PortalStore,
+        *,
+        oauth_url: str | None = None,
+        session: requests.Session | None = None,
+        settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+    ) -> None:
+        self.store = store
+        self.oauth_url = oauth_url
+        self.session = session or requests.Session()
+        self.settle_seconds = settle_seconds
+        self._credentials: AppCredentials | None = None
+
+    @classmethod
+    def from_env(cls) -> TokenAccess:
+        prefix = os.environ.get("B24_SSM_PREFIX", "")
+        if not prefix:
+            raise ConfigError("B24_SSM_PREFIX must be set to the b24-cleanup SSM prefix")
+        return cls(PortalStore(prefix), oauth_url=os.environ.get("B24_OAUTH_URL") or None)
+
+    def _oauth(self) -> OAuthClient:
+        if self._credentials is None:
+            self._credentials = self.store.app_credentials()
+        return OAuthClient(self._credentials, session=self.session)
+
+    def _keeper(self, member_id: str) -> TokenKeeper:
+        record = self.store.get(member_id)
+        if record is None:
+            raise PortalNotFound(f"no record for portal {member_id}")
+        check_usable(record)
+        return TokenKeeper(
+            self.store, member_id, record, self._oauth, oauth_url=self.oauth_url, settle_seconds=self.settle_seconds
+        )
+
+    @staticmethod
+    def _access(keeper: TokenKeeper) -> PortalAccess:
+        record = keeper.record
+        return PortalAccess(record.member_id or keeper.member_id, record.client_endpoint, record.access_token,
+                            record.expires)
+
+    def get(self, member_id: str) -> PortalAccess:
+        """A valid access token and the portal's endpoint; refreshed first when due."""
+        keeper = self._keeper(member_id)
+        keeper.access_token()
+        return self._access(keeper)
+
+    def after_expired(self, member_id: str, refused_token: str) -> PortalAccess:
+        """The portal answered `expired_token` for `refused_token`: hand out a working one.
+
+        If another writer already replaced it in the record, that token is returned without an
+        OAuth call; otherwise the chain is moved on by one refresh (persisted before returning).
+        """
+        keeper = self._keeper(member_id)
+        if keeper.record.access_token != refused_token and not keeper.record.refresh_due():
+            return self._access(keeper)
+        keeper.refresh(stale_token=refused_token)
+        if not keeper.record.access_token:
+            raise PermanentError("RECORD_INVALID", "the refreshed record holds no access token")
+        return self._access(keeper)

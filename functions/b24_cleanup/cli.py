@@ -1,0 +1,310 @@
+"""`b24-cleanup`: the operator's command line (SPEC §8).
+
+`plan` and `sweep` run the worker's engine in-process against the configured SSM store (standard
+AWS credentials and region); `demo` and `emulator` need nothing but this machine. Output is a
+table, or JSON with `--json`; the exit status is non-zero when a portal ended `failed` or
+`incomplete`. Usual mistakes get one line on stderr, never a traceback, and never a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TextIO
+
+from .errors import B24Error, ConfigError, InvalidDeclaredSet, TransientError
+from .jobs import Action, Job, JobFailed, JobResult, Outcome
+from .record import valid_member_id
+
+EXIT_OK, EXIT_PORTAL_FAILED, EXIT_USAGE = 0, 1, 2
+BAD_OUTCOMES = frozenset({Outcome.FAILED, Outcome.INCOMPLETE})
+
+
+class CliError(Exception):
+    """A usual mistake: printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """A plain text table: readable in a terminal and in a CI log."""
+    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+RESULT_HEADER = ("member_id", "outcome", "found", "unbound", "kept", "missing", "failed", "refreshed", "rest", "note")
+
+
+def result_row(r: JobResult) -> tuple[object, ...]:
+    return (r.member_id, r.outcome.value, r.found, r.unbound, r.kept, r.missing, r.unbind_failed, r.refreshed,
+            r.rest_calls, r.reason)
+
+
+def totals(results: Iterable[JobResult]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in results:
+        for name, value in r.metrics().items():
+            out[name] = out.get(name, 0) + value
+    return out
+
+
+class Progress:
+    """A one-line progress bar on stderr, only where a person is watching (a TTY)."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, enabled: bool | None = None) -> None:
+        self.total = total
+        self.done = 0
+        self.stream = stream
+        self.enabled = stream.isatty() if enabled is None else enabled
+
+    def step(self) -> None:
+        self.done += 1
+        if self.enabled:
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
+            if self.done >= self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .config import Settings
+
+    env = dict(os.environ)
+    if args.prefix:
+        env["B24_SSM_PREFIX"] = args.prefix
+    if getattr(args, "oauth_url", None):
+        env["B24_OAUTH_URL"] = args.oauth_url
+    if getattr(args, "dry_run", False):
+        env["B24_DRY_RUN"] = "true"
+    if not env.get("B24_SSM_PREFIX"):
+        raise CliError("no SSM prefix: pass --prefix /b24-cleanup/prod or set B24_SSM_PREFIX")
+    return Settings.from_env(env)
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from .engine import Engine
+
+    return Engine.from_settings(_settings(args))
+
+
+def _member_ids(engine: Any, member_id: str | None) -> list[str]:
+    if member_id is not None:
+        if not valid_member_id(member_id):
+            raise CliError(f"malformed member id {member_id!r}")
+        if engine.store.get(member_id) is None:
+            raise CliError(f"unknown member id {member_id}: no record at {engine.store.portal_name(member_id)}")
+        return [member_id]
+    ids = list(engine.store.iter_member_ids())
+    if not ids:
+        raise CliError(f"no portals stored under {engine.store.portals_path} (is the prefix right?)")
+    return ids
+
+
+def _check_declared(engine: Any) -> None:
+    from .planner import DeclaredSet
+
+    try:
+        DeclaredSet.parse(engine.store.declared_set_text())
+    except InvalidDeclaredSet as exc:
+        raise CliError(
+            f"the declared handler set at {engine.store.prefix}/app/handlers is invalid ({exc}): "
+            "a sweep would unbind nothing on any portal; store a valid set first"
+        ) from None
+
+
+def run_jobs(
+    engine: Any, jobs: Sequence[Job], *, workers: int = 8, progress: Progress | None = None
+) -> list[JobResult]:
+    """Run jobs concurrently (different portals), in the order given for the report."""
+
+    def one(job: Job) -> JobResult:
+        try:
+            return engine.run(job)
+        except JobFailed as failed:
+            return failed.result
+        finally:
+            if progress:
+                progress.step()
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
+        return list(pool.map(one, jobs))
+
+
+def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
+    engine = _engine(args)
+    _check_declared(engine)
+    ids = _member_ids(engine, args.member_id)
+    progress = Progress(len(ids), enabled=None if len(ids) > 1 and not args.json else False)
+    results = run_jobs(engine, [Job(Action.SWEEP, m) for m in ids], workers=args.workers, progress=progress)
+    summary = totals(results)
+    if args.json:
+        json.dump({"dry_run": engine.dry_run, "portals": [r.summary() for r in results], "totals": summary}, out,
+                  indent=2)
+        out.write("\n")
+    else:
+        out.write(table([result_row(r) for r in results], RESULT_HEADER) + "\n\n")
+        by_outcome = {o.value: sum(1 for r in results if r.outcome is o) for o in Outcome}
+        out.write("outcomes: " + ", ".join(f"{k} {v}" for k, v in by_outcome.items() if v) + "\n")
+        out.write(f"handlers: found {summary.get('HandlersFound', 0)}, "
+                  f"{'would unbind' if engine.dry_run else 'unbound'} {summary.get('HandlersUnbound', 0)}, "
+                  f"kept {summary.get('HandlersKept', 0)}, missing {summary.get('HandlersMissing', 0)}, "
+                  f"unbind failed {summary.get('UnbindFailed', 0)}\n")
+        if engine.dry_run:
+            out.write("dry run: nothing was unbound, marked or deleted (token refreshes were persisted)\n")
+    return EXIT_PORTAL_FAILED if any(r.outcome in BAD_OUTCOMES for r in results) else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
+    engine = _engine(args)
+    engine.dry_run = True  # plan is read-only, apart from persisting a refresh it had to make
+    _check_declared(engine)
+    (member_id,) = _member_ids(engine, args.member_id)
+    try:
+        result = engine.run(Job(Action.SWEEP, member_id))
+    except JobFailed as failed:
+        result = failed.result
+    record = engine.store.get(member_id)
+    declared_rows = result.found - len(result.orphans)
+    if args.json:
+        json.dump({**result.summary(), "orphans": result.orphans, "missing_handlers": result.missing_handlers,
+                   "declared_rows": declared_rows}, out, indent=2)
+        out.write("\n")
+    else:
+        out.write(f"portal {member_id} ({record.domain if record else '?'}): {result.outcome.value}"
+                  f"{' - ' + result.reason if result.reason else ''}\n")
+        out.write(f"owned handler rows: {result.found} (declared {result.kept}, orphan {len(result.orphans)})\n\n")
+        if result.orphans:
+            out.write("orphans (would be unbound):\n")
+            rows = [(o["event"], o.get("handler") or "(offline)", o.get("auth_type") or o.get("connector_id") or "")
+                    for o in result.orphans]
+            out.write(table(rows, ("event", "handler", "auth_type/connector")) + "\n\n")
+        if result.missing_handlers:
+            out.write("declared but missing:\n")
+            rows = [(m["event"], m.get("handler") or "(offline)") for m in result.missing_handlers]
+            out.write(table(rows, ("event", "handler")) + "\n")
+    return EXIT_PORTAL_FAILED if result.outcome in BAD_OUTCOMES else EXIT_OK
+
+
+def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
+    from .payload import PayloadError, parse_event_body
+    from .registration import RegistrationInvalid, RegistrationRejected, register
+    from .store import PortalStore
+
+    settings = _settings(args)
+    raw = sys.stdin.buffer.read() if args.payload == "-" else _read_file(args.payload)
+    stripped = raw.lstrip()
+    content_type = "application/json" if stripped.startswith((b"{", b"[")) else "application/x-www-form-urlencoded"
+    try:
+        payload = parse_event_body(raw, content_type)
+        registration = register(payload, PortalStore(settings.ssm_prefix), oauth_url=settings.oauth_url)
+    except (PayloadError, RegistrationInvalid) as exc:
+        raise CliError(f"not a registration body: {exc}") from None
+    except RegistrationRejected as exc:
+        raise CliError(f"registration rejected, nothing stored: {exc}") from None
+    if args.json:
+        json.dump({"member_id": registration.member_id, "event": registration.event, "created": registration.created},
+                  out)
+        out.write("\n")
+    else:
+        verb = "registered (new record)" if registration.created else "registered (record replaced)"
+        out.write(f"{registration.event} for portal {registration.member_id}: {verb}\n")
+    return EXIT_OK
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def cmd_emulator(args: argparse.Namespace, out: TextIO) -> int:
+    from .emulator import serve_forever
+
+    serve_forever(args.port, out=lambda line: print(line, file=out, flush=True))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=out, as_json=args.json)
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="b24-cleanup", description="Clean up Bitrix24 event handlers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, *, prefix: bool = True) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if prefix:
+            p.add_argument("--prefix", help="SSM prefix (default: $B24_SSM_PREFIX)")
+            p.add_argument("--oauth-url", help="OAuth token URL override (default: $B24_OAUTH_URL)")
+
+    p = sub.add_parser("demo", help="run the whole service on the embedded emulator and moto")
+    common(p, prefix=False)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plan", help="show one portal's handlers as declared / orphan / missing")
+    p.add_argument("--member-id", required=True)
+    common(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("sweep", help="run the sweep for one portal or all, in-process")
+    p.add_argument("--member-id")
+    p.add_argument("--dry-run", action="store_true", help="plan and report only: unbind and delete nothing")
+    p.add_argument("--workers", type=int, default=8, help="portals worked on at once (default 8)")
+    common(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("emulator", help="run the Bitrix24 emulator alone on loopback")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
+    p.set_defaults(func=cmd_emulator)
+
+    p = sub.add_parser("register", help="register an install from a saved ONAPPINSTALL/ONAPPUPDATE body")
+    p.add_argument("payload", help="a file with the form or JSON body, or - for stdin")
+    common(p)
+    p.set_defaults(func=cmd_register)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
+         err: Callable[[str], None] | None = None) -> int:
+    out = out or sys.stdout
+    say = err or (lambda line: print(line, file=sys.stderr))
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args, out))
+    except KeyboardInterrupt:
+        say("b24-cleanup: interrupted")
+        return 130
+    except (CliError, ConfigError) as exc:
+        say(f"b24-cleanup: {exc}")
+        return EXIT_USAGE
+    except TransientError as exc:
+        say(f"b24-cleanup: AWS or Bitrix24 did not answer well, try again: {exc}")
+        return EXIT_PORTAL_FAILED
+    except B24Error as exc:
+        say(f"b24-cleanup: {exc}")
+        return EXIT_PORTAL_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Registering installs: the start of a portal's one token chain (SPEC §9).
+
+Nothing in an `ONAPPINSTALL` / `ONAPPUPDATE` body can be trusted until the OAuth server vouches
+for it. So the posted refresh token is refreshed at a *trusted* OAuth URL with the app's own
+credentials: only a genuine token of this app succeeds, and the OAuth server's answer — not the
+request — supplies what is stored. The posted refresh token is spent by that refresh; the new pair
+is the chain's first link, written before anyone uses it.
+
+One implementation, three callers: the endpoint (`B24_ACCEPT_INSTALL=true`), the
+`b24-cleanup register` command, and the app's own install handler (:func:`register`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+from .errors import B24Error
+from .oauth import OAuthClient, trusted_token_url
+from .record import PortalRecord, domain_of, valid_member_id
+from .store import PortalStore
+
+log = logging.getLogger(__name__)
+
+INSTALL = "ONAPPINSTALL"
+UPDATE = "ONAPPUPDATE"
+REGISTRATION_EVENTS = frozenset({INSTALL, UPDATE})
+
+
+class RegistrationInvalid(ValueError):
+    """The body is not a registration at all (→ 400): wrong event, tokens missing."""
+
+
+class RegistrationRejected(Exception):
+    """The OAuth server did not vouch for the body (→ 401, nothing written). The reason is safe to log."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    member_id: str
+    event: str
+    created: bool  # no record existed before
+
+
+def _text(mapping: Mapping[str, Any], key: str) -> str:
+    value = mapping.get(key)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def check_registration(payload: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The event name and `auth` of a registration body; RegistrationInvalid when it is none."""
+    event = _text(payload, "event").upper()
+    if event not in REGISTRATION_EVENTS:
+        raise RegistrationInvalid("event is not ONAPPINSTALL or ONAPPUPDATE")
+    auth = payload.get("auth")
+    if not isinstance(auth, Mapping):
+        raise RegistrationInvalid("the body has no auth fields")
+    for key in ("refresh_token", "application_token", "member_id"):
+        if not _text(auth, key):
+            raise RegistrationInvalid(f"auth[{key}] is missing")
+    return event, auth
+
+
+def register(
+    payload: Mapping[str, Any],
+    store: PortalStore,
+    *,
+    oauth_url: str | None = None,
+    session: requests.Session | None = None,
+) -> Registration:
+    """Verify an install/update body with the OAuth server and write the portal's record.
+
+    Raises RegistrationInvalid (not a registration body) or RegistrationRejected (not vouched
+    for: nothing was written). ConfigError when the app's credentials are missing.
+    """
+    event, auth = check_registration(payload)
+    posted_member = _text(auth, "member_id")
+    if not valid_member_id(posted_member):
+        raise RegistrationRejected("posted member_id is malformed")
+    token_url = trusted_token_url(_text(auth, "server_endpoint"), oauth_url)
+    if token_url is None:
+        raise RegistrationRejected("no trusted OAuth server for the posted server_endpoint")
+
+    credentials = store.app_credentials()  # ConfigError propagates: that is ours, not the caller's
+    try:
+        answer = OAuthClient(credentials, session=session).refresh(token_url, _text(auth, "refresh_token"))
+    except B24Error as exc:
+        raise RegistrationRejected(f"the OAuth server refused the posted refresh token ({exc.code})") from None
+
+    member_id = answer.get("member_id")
+    if member_id != posted_member:
+        raise RegistrationRejected("the OAuth server's member_id differs from the posted one")
+    client_endpoint = answer.get("client_endpoint")
+    if not isinstance(client_endpoint, str) or urlsplit(client_endpoint).scheme not in {"http", "https"}:
+        raise RegistrationRejected("the OAuth server's answer has no usable client_endpoint")
+
+    existing = store.get(member_id)
+    # An install starts a new record (an older install's content goes); an update keeps every
+    # other key. An update for a portal with no record is an install.
+    data: dict[str, Any] = dict(existing.data) if (event == UPDATE and existing is not None) else {}
+    scope = answer.get("scope") if isinstance(answer.get("scope"), str) else _text(auth, "scope")
+    data.update(
+        {
+            "member_id": member_id,
+            "domain": domain_of(client_endpoint),
+            "client_endpoint": client_endpoint,
+            "server_endpoint": _server_endpoint(token_url),
+            "access_token": answer["access_token"],
+            "refresh_token": answer["refresh_token"],
+            "expires": answer["expires"],
+            "application_token": _text(auth, "application_token"),
+            "scope": scope,
+        }
+    )
+    data.pop("revoked_at", None)  # a fresh install or update proves the app is there
+    store.put(member_id, PortalRecord(data), secure=True)
+    log.info("registered %s for portal %s", event, member_id)
+    return Registration(member_id=member_id, event=event, created=existing is None)
+
+
+def _server_endpoint(token_url: str) -> str:
+    """The trusted OAuth server's REST base, the form SPEC §3 stores (`https://host/rest/`)."""
+    parts = urlsplit(token_url)
+    return urlunsplit((parts.scheme, parts.netloc, "/rest/", "", ""))
+
