@@ -8,6 +8,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from b24_cleanup.errors import ConfigError, InvalidDeclaredSet
 from b24_cleanup.planner import (
     DeclaredHandler,
@@ -19,8 +22,6 @@ from b24_cleanup.planner import (
     plan_uninstall,
     unbind_commands,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 URL = "https://app.example.com/b24/events"
 OLD_URL = "https://old.example.com/b24/events"
