@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,10 +33,13 @@ _THROTTLE_CODES = {"ThrottlingException", "TooManyUpdates", "InternalServerError
 
 def ssm_client() -> SSMClient:
     """An SSM client with adaptive retries; endpoints come from the standard AWS variables."""
+    # botocore reads AWS_DEFAULT_REGION or a profile; AWS_REGION (what Lambda and most tools set)
+    # is honoured as a fallback so that the CLI behaves like the AWS CLI v2.
+    region = None if os.environ.get("AWS_DEFAULT_REGION") else os.environ.get("AWS_REGION") or None
     try:
-        return boto3.client("ssm", config=BOTO_CONFIG)
+        return boto3.client("ssm", config=BOTO_CONFIG, region_name=region)
     except NoRegionError:
-        raise ConfigError("no AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, or a profile's region)") from None
+        raise ConfigError("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION, or a profile's region") from None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,214 @@
+"""The operator CLI against moto and the emulator (SPEC §8): commands, --json, exit codes, usual mistakes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from b24_cleanup.cli import main
+from b24_cleanup.emulator import payloads
+from b24_cleanup.sandbox import Sandbox, sandbox
+
+APP_URL = "https://app.example.com/b24/events"
+OLD_URL = "https://old.example.com/b24/events"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def box(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
+    with sandbox(declared=[{"event": "ONCRMLEADADD", "handler": APP_URL}]) as sb:
+        monkeypatch.setenv("B24_SSM_PREFIX", sb.prefix)
+        yield sb
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), []
+    code = main(list(argv), out=out, err=err.append)
+    return code, out.getvalue(), "\n".join(err)
+
+
+def seed_two(box: Sandbox) -> tuple[Any, Any]:
+    dirty = box.add_portal("dirty.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL},
+                                                             {"event": "ONCRMLEADADD", "handler": OLD_URL}])
+    tidy = box.add_portal("tidy.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL}])
+    return dirty, tidy
+
+
+def test_sweep_all_prints_a_table_and_a_summary(box: Sandbox) -> None:
+    dirty, tidy = seed_two(box)
+    code, out, err = run("sweep")
+    assert code == 0, err
+    assert "member_id" in out.splitlines()[0]
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+    assert lines[dirty.member_id][1] == "cleaned"
+    assert lines[tidy.member_id][1] == "clean"
+    assert "outcomes: cleaned 1, clean 1" in out
+    assert "unbound 1" in out
+    assert len(dirty.portal.handlers(box.app)) == 1
+
+
+def test_sweep_json_and_one_member(box: Sandbox) -> None:
+    dirty, _ = seed_two(box)
+    code, out, _ = run("sweep", "--member-id", dirty.member_id, "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert [p["member_id"] for p in data["portals"]] == [dirty.member_id]
+    assert data["portals"][0]["outcome"] == "cleaned"
+    assert data["totals"]["HandlersUnbound"] == 1
+
+
+def test_sweep_dry_run_changes_nothing(box: Sandbox) -> None:
+    dirty, _ = seed_two(box)
+    versions = {p["Name"]: p["Version"] for p in box.store.client.describe_parameters()["Parameters"]}
+    code, out, _ = run("sweep", "--dry-run")
+    assert code == 0
+    assert "would unbind 1" in out and "dry run" in out
+    assert box.emulator.requests_log(method="event.unbind") == [] == box.emulator.requests_log(method="batch")
+    assert len(dirty.portal.handlers(box.app)) == 2
+    assert {p["Name"]: p["Version"] for p in box.store.client.describe_parameters()["Parameters"]} == versions
+
+
+def test_sweep_exits_non_zero_when_a_portal_is_incomplete(box: Sandbox) -> None:
+    seeded = box.add_portal("lic.bitrix24.test", handlers=[{"event": "X", "offline": True, "connector_id": "c"}])
+    seeded.portal.license_auth_connector = False
+    code, out, _ = run("sweep")
+    assert code == 1
+    assert "incomplete" in out
+
+
+def test_plan_classifies_without_changing_anything(box: Sandbox) -> None:
+    dirty, _ = seed_two(box)
+    code, out, _ = run("plan", "--member-id", dirty.member_id)
+    assert code == 0
+    assert "owned handler rows: 2 (declared 1, orphan 1)" in out
+    assert OLD_URL in out and "would be unbound" in out
+    assert len(dirty.portal.handlers(box.app)) == 2
+    code, out, _ = run("plan", "--member-id", dirty.member_id, "--json")
+    data = json.loads(out)
+    assert [o["handler"] for o in data["orphans"]] == [OLD_URL]
+    assert data["kept"] == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("sweep", "--member-id", "f" * 32), "unknown member id"),
+        (("plan", "--member-id", "../etc"), "malformed member id"),
+        (("sweep", "--prefix", "/nothing/here"), "no portals stored under /nothing/here/portals/"),
+    ],
+)
+def test_usual_mistakes_are_one_line(box: Sandbox, argv: tuple[str, ...], message: str) -> None:
+    box.add_portal("x.bitrix24.test")
+    if "/nothing/here" in argv:
+        box.store.client.put_parameter(Name="/nothing/here/app/handlers", Type="String",
+                                       Value=json.dumps({"handlers": [{"event": "E", "handler": APP_URL}]}))
+    code, out, err = run(*argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and out == ""
+
+
+def test_missing_declared_set_says_what_it_means_for_a_sweep(box: Sandbox) -> None:
+    box.add_portal("x.bitrix24.test")
+    box.put_declared(None)
+    code, _, err = run("sweep")
+    assert code == 2
+    assert "declared handler set" in err and "would unbind nothing" in err
+
+
+def test_register_from_a_file_and_from_stdin(box: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("B24_OAUTH_URL", box.emulator.oauth_url)
+    portal = box.emulator.add_portal("reg.bitrix24.test")
+    body = urlencode(payloads.install_form(box.emulator.state, box.emulator.install(portal, box.app)))
+    path = tmp_path / "install.txt"
+    path.write_text(body)
+
+    code, out, err = run("register", str(path))
+    assert code == 0, err
+    assert f"ONAPPINSTALL for portal {portal.member_id}: registered (new record)" in out
+    assert box.record(portal.member_id) is not None
+
+    code, out, err = run("register", str(path))  # replayed: its refresh token is spent
+    assert code == 2
+    assert "registration rejected, nothing stored" in err
+
+    portal2 = box.emulator.add_portal("reg2.bitrix24.test")
+    fields = dict(payloads.install_form(box.emulator.state, box.emulator.install(portal2, box.app)))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(json.dumps(_nest(fields)).encode())))
+    code, out, err = run("register", "-", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"member_id": portal2.member_id, "event": "ONAPPINSTALL", "created": True}
+
+    code, _, err = run("register", str(tmp_path / "missing.txt"))
+    assert code == 2 and "cannot read" in err
+
+
+def _nest(fields: dict[str, str]) -> dict[str, Any]:
+    """`auth[member_id]=…` pairs as the nested JSON the endpoint also accepts."""
+    nested: dict[str, Any] = {}
+    for key, value in fields.items():
+        head, _, rest = key.partition("[")
+        if rest:
+            nested.setdefault(head, {})[rest.rstrip("]").split("][")[0]] = value
+        else:
+            nested[head] = value
+    return nested
+
+
+def _isolated_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "B24_"))}
+    env.update(AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_EC2_METADATA_DISABLED="true",
+               B24_SSM_PREFIX="/b24-cleanup/prod", **extra)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [({"AWS_REGION": "eu-central-1"}, "no AWS credentials"), ({}, "no AWS region")],
+    ids=["no-credentials", "no-region"],
+)
+def test_aws_setup_mistakes_in_a_real_process(extra: dict[str, str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "b24_cleanup.cli", "sweep"], capture_output=True, text=True,
+                          env=_isolated_env(**extra), cwd=ROOT / "functions", timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_prefix_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("B24_SSM_PREFIX", raising=False)
+    code, _, err = run("sweep")
+    assert code == 2 and "no SSM prefix" in err
+
+
+def test_demo_runs_offline_and_every_portal_ends_as_expected() -> None:
+    code, out, err = run("demo")
+    assert code == 0, out + err
+    assert "12/12 portals ended as expected" in out
+    outcome_table = out.split("sweep detail:")[0]
+    rows = {line.split()[0]: line for line in outcome_table.splitlines() if line.split()}
+    assert "revoked" in rows["lost"] and "401" in rows["spoofed"] and "skipped" in rows["again"]
+    assert "found in them: 0" in out
+    code, out, _ = run("demo", "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+
+
+def test_emulator_command_serves_and_prints_no_secret() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "b24_cleanup.cli", "emulator", "--port", "0"],
+                            cwd=ROOT / "functions", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_isolated_env())
+    try:
+        first = proc.stdout.readline()
+        assert "http://127.0.0.1:" in first
+    finally:
+        proc.terminate()
+        proc.wait(10)
