@@ -119,3 +119,16 @@ def test_throttling_is_transient(store: PortalStore, ssm) -> None:
 def test_malformed_member_id_never_reaches_ssm(store: PortalStore) -> None:
     with pytest.raises(ValueError, match="member_id"):
         store.get("../app/credentials")
+
+
+def test_new_records_use_the_configured_key_and_overwrites_keep_theirs(ssm) -> None:
+    kms = boto3.client("kms", region_name="us-east-1")
+    configured, other = (kms.create_key()["KeyMetadata"]["KeyId"] for _ in range(2))
+    store = PortalStore(PREFIX, client=ssm, kms_key_id=configured)
+    ssm.put_parameter(Name=f"{PREFIX}/portals/old", Value=record("old").to_json(), Type="SecureString", KeyId=other)
+
+    store.put("new", record("new"))
+    store.put("old", record("old", access_token="x"))
+
+    keys = {p["Name"].rsplit("/", 1)[-1]: p["KeyId"] for p in ssm.describe_parameters()["Parameters"]}
+    assert keys == {"new": configured, "old": other}

@@ -202,7 +202,6 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
     from .payload import PayloadError, parse_event_body
     from .registration import RegistrationInvalid, RegistrationRejected, register
-    from .store import PortalStore
 
     settings = _settings(args)
     raw = sys.stdin.buffer.read() if args.payload == "-" else _read_file(args.payload)
@@ -210,7 +209,7 @@ def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
     content_type = "application/json" if stripped.startswith((b"{", b"[")) else "application/x-www-form-urlencoded"
     try:
         payload = parse_event_body(raw, content_type)
-        registration = register(payload, PortalStore(settings.ssm_prefix), oauth_url=settings.oauth_url)
+        registration = register(payload, settings.store(), oauth_url=settings.oauth_url)
     except (PayloadError, RegistrationInvalid) as exc:
         raise CliError(f"not a registration body: {exc}") from None
     except RegistrationRejected as exc:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .store import PortalStore
 
 DEFAULT_GRACE_DAYS = 7
 _TRUE = {"1", "true", "yes", "on"}
@@ -30,6 +34,7 @@ class Settings:
     dry_run: bool = False
     revoked_grace_days: int = DEFAULT_GRACE_DAYS
     accept_install: bool = False
+    ssm_kms_key_id: str | None = None  # B24_SSM_KMS_KEY_ID: key for *new* records (overwrites keep theirs)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -51,7 +56,14 @@ class Settings:
             dry_run=_flag(env, "B24_DRY_RUN"),
             revoked_grace_days=grace,
             accept_install=_flag(env, "B24_ACCEPT_INSTALL"),
+            ssm_kms_key_id=env.get("B24_SSM_KMS_KEY_ID", "").strip() or None,
         )
+
+    def store(self) -> PortalStore:
+        """The SSM store these settings name."""
+        from .store import PortalStore
+
+        return PortalStore(self.ssm_prefix, kms_key_id=self.ssm_kms_key_id)
 
     def require_queue(self) -> str:
         if not self.queue_url:

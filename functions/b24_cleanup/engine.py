@@ -78,7 +78,7 @@ class Engine:
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: object) -> Engine:
         return cls(
-            PortalStore(settings.ssm_prefix),
+            settings.store(),
             oauth_url=settings.oauth_url,
             dry_run=settings.dry_run,
             grace_days=settings.revoked_grace_days,

@@ -73,12 +73,13 @@ def _aws_error(exc: Exception, what: str) -> Exception:
 class PortalStore:
     """Records under `{prefix}/portals/{member_id}` and the app's parameters under `{prefix}/app/`."""
 
-    def __init__(self, prefix: str, client: SSMClient | None = None) -> None:
+    def __init__(self, prefix: str, client: SSMClient | None = None, *, kms_key_id: str | None = None) -> None:
         prefix = (prefix or "").rstrip("/")
         if not prefix.startswith("/") or len(prefix) < 2:
             raise ConfigError("B24_SSM_PREFIX must be an absolute SSM path such as /b24-cleanup/prod")
         self.prefix = prefix
         self._client = client
+        self.kms_key_id = kms_key_id  # for new parameters only: an overwrite keeps the key it finds
 
     @property
     def client(self) -> SSMClient:
@@ -124,6 +125,8 @@ class PortalStore:
         args: dict[str, Any] = {"Name": name, "Value": value, "Overwrite": True}
         if meta is None:
             args["Type"] = "SecureString"
+            if self.kms_key_id:
+                args["KeyId"] = self.kms_key_id
         else:
             # Without KeyId an overwrite would silently move to the default aws/ssm key, and a
             # Standard tier on an Advanced parameter fails: keep what the operator chose.

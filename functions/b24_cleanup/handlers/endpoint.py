@@ -73,7 +73,7 @@ def _settings() -> Settings:
 
 @functools.cache
 def _store() -> PortalStore:
-    return PortalStore(_settings().ssm_prefix)
+    return _settings().store()
 
 
 @functools.cache
