@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import boto3
 from .cli import table
 from .emulator import payloads
 from .functionurl import FakeContext, FunctionUrl
-from .sandbox import Sandbox, SeededPortal, collect_results, drain, sandbox
+from .sandbox import Sandbox, SeededPortal, collect_results, drain, patched_environ, sandbox
 
 APP = "https://app.example.com/b24"
 DECLARED = [
@@ -77,25 +76,32 @@ def run_demo(out: TextIO, *, as_json: bool = False) -> int:
     logs = io.StringIO()
     emf: list[dict[str, Any]] = []
     with sandbox(prefix="/b24-cleanup/demo", declared=DECLARED) as box:
-        env = box.env(B24_ACCEPT_INSTALL="true", B24_OAUTH_URL=box.emulator.oauth_url,
-                      POWERTOOLS_METRICS_NAMESPACE="B24Cleanup", POWERTOOLS_SERVICE_NAME="b24-cleanup")
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        env = box.env(
+            B24_ACCEPT_INSTALL="true",
+            B24_OAUTH_URL=box.emulator.oauth_url,
+            POWERTOOLS_METRICS_NAMESPACE="B24Cleanup",
+            POWERTOOLS_SERVICE_NAME="b24-cleanup",
+        )
+        with patched_environ(env):
             cases = _scenario(box, logs, emf)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         leaked = sum(1 for secret in box.emulator.secrets() if secret and secret in logs.getvalue())
     elapsed = time.monotonic() - started
     metrics = _metric_totals(emf)
     good = all(c.ok for c in cases) and leaked == 0
     if as_json:
-        json.dump({"ok": good, "seconds": round(elapsed, 2), "portals": [c.__dict__ for c in cases],
-                   "metrics": metrics, "emf_blobs": len(emf), "secrets_in_logs": leaked}, out, indent=2, default=str)
+        json.dump(
+            {
+                "ok": good,
+                "seconds": round(elapsed, 2),
+                "portals": [c.__dict__ for c in cases],
+                "metrics": metrics,
+                "emf_blobs": len(emf),
+                "secrets_in_logs": leaked,
+            },
+            out,
+            indent=2,
+            default=str,
+        )
         out.write("\n")
     else:
         _print(out, cases, metrics, emf, logs, leaked, elapsed)
@@ -130,16 +136,29 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
         Case("moved", "portal renamed: 302 followed, new address stored", expect_sweep="cleaned"),
         Case("lost", "app removed, uninstall event lost: found revoked", expect_sweep="revoked"),
         Case("locked", "an orphan queue it may not unbind (WRONG_LICENSE)", expect_sweep="incomplete"),
-        Case("bye", "genuine uninstall: portal already dropped it all", expect_endpoint=200,
-             expect_uninstall="revoked", expect_sweep="-"),
-        Case("early", "uninstall event while tokens still work", expect_endpoint=200, expect_uninstall="cleaned",
-             expect_sweep="-"),
-        Case("spoofed", "forged ONAPPUNINSTALL (wrong application_token)", expect_endpoint=401,
-             expect_sweep="clean"),
-        Case("again", "uninstalled, reinstalled before the job ran", expect_endpoint=200,
-             expect_uninstall="skipped", expect_sweep="clean"),
-        Case("newcomer", "installs through the endpoint's registration", expect_endpoint=200,
-             expect_sweep="cleaned"),
+        Case(
+            "bye",
+            "genuine uninstall: portal already dropped it all",
+            expect_endpoint=200,
+            expect_uninstall="revoked",
+            expect_sweep="-",
+        ),
+        Case(
+            "early",
+            "uninstall event while tokens still work",
+            expect_endpoint=200,
+            expect_uninstall="cleaned",
+            expect_sweep="-",
+        ),
+        Case("spoofed", "forged ONAPPUNINSTALL (wrong application_token)", expect_endpoint=401, expect_sweep="clean"),
+        Case(
+            "again",
+            "uninstalled, reinstalled before the job ran",
+            expect_endpoint=200,
+            expect_uninstall="skipped",
+            expect_sweep="clean",
+        ),
+        Case("newcomer", "installs through the endpoint's registration", expect_endpoint=200, expect_sweep="cleaned"),
     ]
     by = {c.name: c for c in cases}
     seeded: dict[str, SeededPortal] = {}
@@ -149,8 +168,12 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
         by[name].member_id = seeded[name].member_id
         return seeded[name]
 
-    seed("acme", _declared_rows() + [{"event": "ONCRMLEADADD", "handler": OLD, "user_id": u} for u in (0, 1, 2)]
-         + [{"event": "ONCRMLEADUPDATE", "offline": True}])
+    seed(
+        "acme",
+        _declared_rows()
+        + [{"event": "ONCRMLEADADD", "handler": OLD, "user_id": u} for u in (0, 1, 2)]
+        + [{"event": "ONCRMLEADUPDATE", "offline": True}],
+    )
     seed("tidy", _declared_rows())
     seed("partial", _declared_rows(skip=1))
     seed("sleepy", [*_declared_rows(), {"event": "ONCRMDEALADD", "handler": OLD}], expired=True)
@@ -169,20 +192,31 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
         # -- events reach the endpoint over HTTP --------------------------------------------------
         by["bye"].endpoint.append(box.emulator.uninstall(seeded["bye"].portal, box.app, uninstall_url=url.url) or 0)
         early = seeded["early"]
-        by["early"].endpoint.append(_post(url.url, payloads.uninstall_form(
-            box.emulator.state, early.portal, early.installation.application_token, clean=True)))
-        by["spoofed"].endpoint.append(_post(url.url, payloads.uninstall_form(
-            box.emulator.state, seeded["spoofed"].portal, "0" * 32, clean=True)))
-        by["again"].endpoint.append(box.emulator.uninstall(seeded["again"].portal, box.app, uninstall_url=url.url)
-                                    or 0)
+        by["early"].endpoint.append(
+            _post(
+                url.url,
+                payloads.uninstall_form(
+                    box.emulator.state, early.portal, early.installation.application_token, clean=True
+                ),
+            )
+        )
+        by["spoofed"].endpoint.append(
+            _post(url.url, payloads.uninstall_form(box.emulator.state, seeded["spoofed"].portal, "0" * 32, clean=True))
+        )
+        by["again"].endpoint.append(box.emulator.uninstall(seeded["again"].portal, box.app, uninstall_url=url.url) or 0)
         box.emulator.install(seeded["again"].portal, box.app, install_url=url.url)  # registered again
         newcomer = box.emulator.add_portal("newcomer.bitrix24.test")
         by["newcomer"].member_id = newcomer.member_id
         joined = box.emulator.install(newcomer, box.app, install_url=url.url)
         by["newcomer"].endpoint.append(joined.status or 0)
         for row in [*_declared_rows(), {"event": "ONCRMLEADADD", "handler": OLD}]:
-            newcomer.bind(box.app, row["event"], row.get("handler"), user_id=int(row.get("user_id", 0)),
-                          offline=bool(row.get("offline")))
+            newcomer.bind(
+                box.app,
+                row["event"],
+                row.get("handler"),
+                user_id=int(row.get("user_id", 0)),
+                offline=bool(row.get("offline")),
+            )
 
         # -- the worker drains the uninstall jobs ------------------------------------------------
         queue = boto3.client("sqs")
@@ -200,8 +234,10 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
             case = next((c for c in cases if c.member_id == job["member_id"]), None)
             if case is not None and job["action"] == "sweep":
                 case.sweep = job["outcome"]
-                case.detail = (f"found {job['found']}, unbound {job['unbound']}, kept {job['kept']}, "
-                               f"missing {job['missing']}, refreshed {job['refreshed']}, REST {job['rest_calls']}")
+                case.detail = (
+                    f"found {job['found']}, unbound {job['unbound']}, kept {job['kept']}, "
+                    f"missing {job['missing']}, refreshed {job['refreshed']}, REST {job['rest_calls']}"
+                )
                 if job["outcome"] in ("revoked", "incomplete"):
                     case.detail += f"; {job['reason']}"
     return cases
@@ -220,15 +256,33 @@ def _metric_totals(blobs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return {action: dict(sorted(values.items())) for action, values in sorted(totals.items())}
 
 
-def _print(out: TextIO, cases: list[Case], metrics: dict[str, dict[str, float]], emf: list[dict[str, Any]],
-           logs: io.StringIO, leaked: int, elapsed: float) -> None:
+def _print(
+    out: TextIO,
+    cases: list[Case],
+    metrics: dict[str, dict[str, float]],
+    emf: list[dict[str, Any]],
+    logs: io.StringIO,
+    leaked: int,
+    elapsed: float,
+) -> None:
     out.write("b24-cleanup demo: 12 emulated portals, SSM and SQS in moto, the real Lambda handlers\n\n")
     rows = []
     for c in cases:
-        rows.append((c.name, c.member_id[:8], ",".join(map(str, c.endpoint)) or "-", c.uninstall or "-",
-                     c.sweep or "-", "ok" if c.ok else "UNEXPECTED", c.story))
-    out.write(table(rows, ("portal", "member", "endpoint", "uninstall job", "nightly sweep", "as expected",
-                           "scenario")) + "\n\n")
+        rows.append(
+            (
+                c.name,
+                c.member_id[:8],
+                ",".join(map(str, c.endpoint)) or "-",
+                c.uninstall or "-",
+                c.sweep or "-",
+                "ok" if c.ok else "UNEXPECTED",
+                c.story,
+            )
+        )
+    out.write(
+        table(rows, ("portal", "member", "endpoint", "uninstall job", "nightly sweep", "as expected", "scenario"))
+        + "\n\n"
+    )
     out.write("sweep detail:\n")
     out.write(table([(c.name, c.detail) for c in cases if c.detail], ("portal", "what the sweep did")) + "\n\n")
     out.write("metrics as CloudWatch receives them (namespace B24Cleanup, dimension action):\n")

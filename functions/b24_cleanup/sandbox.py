@@ -16,7 +16,7 @@ from typing import Any
 
 from .emulator import App, Emulator, Installation, Portal
 from .record import PortalRecord
-from .store import PortalStore
+from .store import BOTO_CONFIG, PortalStore
 
 DEFAULT_PREFIX = "/b24-cleanup/demo"
 REGION = "us-east-1"
@@ -108,6 +108,21 @@ class Sandbox:
 
 
 @contextmanager
+def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them exactly."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
 def sandbox(
     *,
     prefix: str = DEFAULT_PREFIX,
@@ -116,47 +131,35 @@ def sandbox(
     **emulator_options: Any,
 ) -> Iterator[Sandbox]:
     """Start moto and the emulator, seed the app's credentials and declared set, yield a Sandbox."""
+    import boto3
     from moto import mock_aws  # dev dependency, imported only here
 
-    saved = {key: os.environ.get(key) for key in FAKE_AWS_ENV}
-    os.environ.update(FAKE_AWS_ENV)
-    try:
-        with mock_aws():
-            import boto3
-
-            from .store import BOTO_CONFIG
-
-            ssm = boto3.client("ssm", region_name=REGION, config=BOTO_CONFIG)
-            sqs = boto3.client("sqs", region_name=REGION)
-            dlq_url = sqs.create_queue(QueueName="b24-cleanup-dlq.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
-            dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-            queue_url = sqs.create_queue(
-                QueueName="b24-cleanup-jobs.fifo",
-                Attributes={
-                    "FifoQueue": "true",
-                    "VisibilityTimeout": "0",
-                    "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
-                },
-            )["QueueUrl"]
-            emu = emulator or Emulator(**emulator_options)
-            with emu:
-                app = emu.add_app()
-                store = PortalStore(prefix, client=ssm)
-                ssm.put_parameter(
-                    Name=f"{prefix}/app/credentials",
-                    Value=json.dumps({"client_id": app.client_id, "client_secret": app.client_secret}),
-                    Type="SecureString",
-                )
-                box = Sandbox(emu, store, app, queue_url, dlq_url)
-                if declared is not None:
-                    box.put_declared(declared)
-                yield box
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with patched_environ(FAKE_AWS_ENV), mock_aws():
+        ssm = boto3.client("ssm", region_name=REGION, config=BOTO_CONFIG)
+        sqs = boto3.client("sqs", region_name=REGION)
+        dlq_url = sqs.create_queue(QueueName="b24-cleanup-dlq.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        queue_url = sqs.create_queue(
+            QueueName="b24-cleanup-jobs.fifo",
+            Attributes={
+                "FifoQueue": "true",
+                "VisibilityTimeout": "0",
+                "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
+            },
+        )["QueueUrl"]
+        emu = emulator or Emulator(**emulator_options)
+        with emu:
+            app = emu.add_app()
+            store = PortalStore(prefix, client=ssm)
+            ssm.put_parameter(
+                Name=f"{prefix}/app/credentials",
+                Value=json.dumps({"client_id": app.client_id, "client_secret": app.client_secret}),
+                Type="SecureString",
+            )
+            box = Sandbox(emu, store, app, queue_url, dlq_url)
+            if declared is not None:
+                box.put_declared(declared)
+            yield box
 
 
 def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
@@ -180,8 +183,12 @@ def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
 
 
 def drain(
-    sqs: Any, queue_url: str, handler: Callable[[dict[str, Any], Any], dict[str, Any]], context: Any,
-    *, max_rounds: int = 100,
+    sqs: Any,
+    queue_url: str,
+    handler: Callable[[dict[str, Any], Any], dict[str, Any]],
+    context: Any,
+    *,
+    max_rounds: int = 100,
 ) -> int:
     """Deliver the queue to `handler` as the SQS event source would, until it is empty.
 

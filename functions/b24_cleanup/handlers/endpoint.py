@@ -23,28 +23,27 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import json
 import time
 from typing import TYPE_CHECKING, Any
 
-import boto3
 from aws_lambda_powertools.logging import correlation_paths
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..config import Settings
 from ..errors import B24Error, ConfigError
 from ..jobs import Action, Job
 from ..payload import MAX_BODY_BYTES, EventPost, PayloadError, PayloadTooLarge, event_name, parse_event_body
 from ..record import valid_member_id
-from ..store import BOTO_CONFIG, PortalStore
+from .deps import reset as reset_clients  # noqa: F401 - public: tests and the demo reset the handler
+from .deps import settings as _settings
+from .deps import sqs as _sqs
+from .deps import store as _store
 from .observability import logger, publish
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
-    from mypy_boto3_sqs import SQSClient
 
 ACTION = "endpoint"
 UNINSTALL = "ONAPPUNINSTALL"
@@ -58,33 +57,6 @@ MAX_ENCODED_CHARS = 4 * -(-MAX_BODY_BYTES // 3)
 # member_id: the answer must not tell a prober which member ids exist.
 ACCEPTED = {"status": "accepted"}
 UNAUTHORIZED = {"error": "unauthorized"}
-
-
-# --------------------------------------------------------------------------------------------
-# Lazily created dependencies: a request that is rejected before verification creates none.
-# Cached per process (warm invocations reuse them); tests clear them with `cache_clear()`.
-# --------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _settings() -> Settings:
-    return Settings.from_env()
-
-
-@functools.cache
-def _store() -> PortalStore:
-    return _settings().store()
-
-
-@functools.cache
-def _sqs() -> SQSClient:
-    return boto3.client("sqs", config=BOTO_CONFIG)
-
-
-def reset_clients() -> None:
-    """Forget the cached settings and clients (tests, or after the environment changed)."""
-    for cached in (_settings, _store, _sqs):
-        cached.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------

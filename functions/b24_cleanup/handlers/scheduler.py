@@ -12,7 +12,6 @@ page by page and sent ten at a time, so memory stays constant in the number of p
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import random
@@ -21,13 +20,13 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import boto3
-
-from ..config import Settings
 from ..errors import InvalidDeclaredSet
 from ..jobs import Action, Job
 from ..planner import DeclaredSet
-from ..store import BOTO_CONFIG, PortalStore
+from .deps import reset as reset_clients  # noqa: F401 - public: tests and the demo reset the handler
+from .deps import settings as _settings
+from .deps import sqs as _sqs
+from .deps import store as _store
 from .observability import logger, publish
 
 if TYPE_CHECKING:
@@ -38,27 +37,6 @@ ACTION = "scheduler"
 BATCH_SIZE = 10  # SendMessageBatch's maximum
 MAX_SEND_ATTEMPTS = 5  # per batch, for the entries SQS reports as Failed (call-level errors: botocore)
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-
-
-@functools.cache
-def _settings() -> Settings:
-    return Settings.from_env()
-
-
-@functools.cache
-def _store() -> PortalStore:
-    return _settings().store()
-
-
-@functools.cache
-def _sqs() -> SQSClient:
-    return boto3.client("sqs", config=BOTO_CONFIG)
-
-
-def reset_clients() -> None:
-    """Forget the cached settings and clients (tests, or after the environment changed)."""
-    for cached in (_settings, _store, _sqs):
-        getattr(cached, "cache_clear", lambda: None)()  # tolerate a test's stand-in
 
 
 class EnqueueFailed(RuntimeError):
