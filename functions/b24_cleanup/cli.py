@@ -184,7 +184,9 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
                    "declared_rows": declared_rows}, out, indent=2)
         out.write("\n")
     else:
-        out.write(f"portal {member_id} ({record.domain if record else '?'}): {result.outcome.value}"
+        # plan runs the sweep as a dry run: say what a sweep would do, not what it did.
+        state = {"cleaned": "has orphans to unbind", "clean": "clean"}.get(result.outcome.value, result.outcome.value)
+        out.write(f"portal {member_id} ({record.domain if record else '?'}): {state}"
                   f"{' - ' + result.reason if result.reason else ''}\n")
         out.write(f"owned handler rows: {result.found} (declared {result.kept}, orphan {len(result.orphans)})\n\n")
         if result.orphans:
