@@ -106,7 +106,7 @@ class FakeLambdaContext:
     log_stream_name: str = "2026/11/25/[$LATEST]0123456789abcdef"
 
     def get_remaining_time_in_millis(self) -> int:
-        return 30_000
+        return 120_000  # the worker's timeout in template.yaml
 
 
 @pytest.fixture

@@ -137,3 +137,23 @@ def test_bad_job_body_fails_its_record_with_a_clear_log_line(box: Sandbox, lambd
     logs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"level"')]
     assert any(line["message"].startswith("bad job body") and line.get("reason") == "job body is not JSON"
                for line in logs)
+
+
+def test_a_job_near_the_invocation_timeout_fails_cleanly_instead_of_starting(
+    box: Sandbox, lambda_context: Any
+) -> None:
+    seeded = box.add_portal("late.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD_URL}])
+    template = load_event("worker_sweep.json")["Records"][0]
+    lambda_context.get_remaining_time_in_millis = lambda: 20_000  # under the deadline margin
+
+    with collect_results() as results:
+        answer = worker.lambda_handler(
+            {"Records": [record({"action": "sweep", "member_id": seeded.member_id}, "m1", seeded.member_id, template)]},
+            lambda_context,
+        )
+
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m1"}]}
+    assert [(j["outcome"], j["reason"]) for j in results.jobs] == [
+        ("failed", "event.get: OUT_OF_TIME: the invocation is about to time out")
+    ]
+    assert box.emulator.requests_log(member_id=seeded.member_id) == []

@@ -76,8 +76,10 @@ class PortalClient:
         max_time_limit_wait: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
+        deadline: float | None = None,
     ) -> None:
         self.tokens = tokens
+        self.deadline = deadline  # time.monotonic() after which no request is started
         self.session = session
         self.bucket = bucket
         self.backoff = backoff or Backoff()
@@ -113,6 +115,10 @@ class PortalClient:
         url = urljoin(self.tokens.record.client_endpoint, method)
         while True:
             attempt += 1
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                # Better a clean transient failure (the queue retries the job, which plans afresh)
+                # than a Lambda timeout that fails the whole batch mid-request.
+                raise TransientError("OUT_OF_TIME", "the invocation is about to time out", method=method)
             self.bucket.acquire()
             self.stats.rest_calls += 1
             try:

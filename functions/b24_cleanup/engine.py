@@ -117,7 +117,7 @@ class Engine:
             persist_renames=not self.dry_run,
         )
 
-    def client(self, keeper: TokenKeeper) -> PortalClient:
+    def client(self, keeper: TokenKeeper, deadline: float | None = None) -> PortalClient:
         return PortalClient(
             keeper,
             session=self.session,
@@ -125,14 +125,19 @@ class Engine:
             backoff=self.options.backoff,
             timeout=self.options.timeout,
             max_time_limit_wait=self.options.max_time_limit_wait,
+            deadline=deadline,
         )
 
     # -- jobs --------------------------------------------------------------------------
-    def run(self, job: Job) -> JobResult:
-        """Run one job to its outcome. Raises JobFailed for `failed` (the queue retries it)."""
+    def run(self, job: Job, *, deadline: float | None = None) -> JobResult:
+        """Run one job to its outcome. Raises JobFailed for `failed` (the queue retries it).
+
+        `deadline` (a time.monotonic() value) stops the job from starting portal requests past
+        it: the job then fails and is retried instead of being cut off by a Lambda timeout.
+        """
         result = JobResult(job.action, job.member_id, dry_run=self.dry_run)
         try:
-            self._run(job, result)
+            self._run(job, result, deadline)
         except (TransientError, ConfigError) as exc:
             result.outcome = Outcome.FAILED
             result.reason = str(exc)
@@ -141,7 +146,7 @@ class Engine:
         _log_result(result)
         return result
 
-    def _run(self, job: Job, result: JobResult) -> None:
+    def _run(self, job: Job, result: JobResult, deadline: float | None) -> None:
         declared: DeclaredSet | None = None
         if job.action is Action.SWEEP:
             try:
@@ -164,7 +169,7 @@ class Engine:
         started_token = record.application_token
 
         keeper = self.keeper(job.member_id, record)
-        client = self.client(keeper)
+        client = self.client(keeper, deadline)
         try:
             check_usable(record)
             self._clean(job, declared, client, result)

@@ -32,7 +32,7 @@ class FakeContext:
         self.log_stream_name = "local"
 
     def get_remaining_time_in_millis(self) -> int:
-        return 30_000
+        return 120_000  # the worker's timeout in template.yaml
 
 
 def function_url_event(method: str, path: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:

@@ -8,6 +8,7 @@ portal are handed back unprocessed. Different portals of a batch run concurrentl
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,6 +24,9 @@ from b24_cleanup.jobs import Job, JobFailed, JobResult
 from .observability import logger, metrics, publish
 
 MAX_PARALLEL_PORTALS = 10
+# Stop starting portal requests this long before the invocation times out (one REST request's
+# own timeout plus room to write the results): a job cut short fails cleanly and is retried.
+DEADLINE_MARGIN_SECONDS = 35.0
 
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
@@ -51,6 +55,7 @@ class _Totals:
 
 def _run_group(records: list[dict[str, Any]], totals: _Totals, context: LambdaContext | None) -> list[str]:
     """Run one portal's records in order; return the message ids to hand back."""
+    deadline = _deadline(context)
 
     def record_handler(record: SQSRecord) -> str:
         try:
@@ -62,7 +67,7 @@ def _run_group(records: list[dict[str, Any]], totals: _Totals, context: LambdaCo
             )
             raise
         try:
-            result = engine().run(job)
+            result = engine().run(job, deadline=deadline)
         except JobFailed as failed:
             totals.add(failed.result)
             raise
@@ -75,6 +80,14 @@ def _run_group(records: list[dict[str, Any]], totals: _Totals, context: LambdaCo
         event={"Records": records}, record_handler=record_handler, processor=processor, context=context
     )
     return [item["itemIdentifier"] for item in response.get("batchItemFailures", [])]
+
+
+def _deadline(context: LambdaContext | None) -> float | None:
+    try:
+        remaining = context.get_remaining_time_in_millis() / 1000.0  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        return None  # no Lambda context (CLI, tests): no deadline
+    return time.monotonic() + max(0.0, remaining - DEADLINE_MARGIN_SECONDS)
 
 
 def process(event: dict[str, Any], context: LambdaContext | None = None) -> dict[str, Any]:
