@@ -34,12 +34,15 @@ warnings.filterwarnings("ignore", "No application metrics to publish*")
 
 
 def publish(action: str, values: Mapping[str, int]) -> None:
-    """Emit SPEC §6 counters as one EMF blob under `action` (zero values are left out).
+    """Emit SPEC §6 counters as one EMF blob under `action` (zero values are left out, unless all are).
 
     Flushed at once because one worker batch may hold uninstall and sweep jobs, and a blob can
     carry only one value of the `action` dimension.
     """
-    values = {name: value for name, value in values.items() if value}
+    nonzero = {name: value for name, value in values.items() if value}
+    # An invocation that did work but counted nothing (a scheduler run over no portals) still
+    # reports its zeros: a missing datapoint and "nothing happened" look alike on a dashboard.
+    values = nonzero or dict(values)
     if not values:
         return
     metrics.add_dimension(name="action", value=action)
