@@ -186,9 +186,9 @@ class Engine:
             if job.action is Action.UNINSTALL:
                 self._forget(job.member_id, started_token, result)
             elif keeper.record.revoked_at is not None and not self.dry_run:
-                # Reached successfully: the portal is not revoked after all (SPEC §5 step 8).
-                keeper.record.data.pop("revoked_at", None)
-                self.store.put(job.member_id, keeper.record)
+                # Reached successfully: the portal is not revoked after all (SPEC §5 step 8). On a
+                # fresh read, so that a pair the app's backend stored meanwhile is kept.
+                self.store.modify(job.member_id, lambda current: current.data.pop("revoked_at", None) is not None)
 
     def _clean(self, job: Job, declared: DeclaredSet | None, client: PortalClient, result: JobResult) -> None:
         items = client.call("event.get")
@@ -259,8 +259,7 @@ class Engine:
         now = int(self.clock())
         revoked_at = record.revoked_at
         if revoked_at is None:
-            record.data["revoked_at"] = now
-            self.store.put(job.member_id, record)
+            self.store.modify(job.member_id, lambda current: _mark_revoked(current, record, started_token, now))
         elif now - revoked_at >= self.grace_days * DAY:
             self._forget(job.member_id, started_token, result)
 
@@ -271,6 +270,20 @@ class Engine:
         result.record_deleted = self.store.delete_if_token(member_id, application_token)
         if not result.record_deleted:
             log.info("record of %s kept: it changed (reinstalled) or is already gone", member_id)
+
+
+def _mark_revoked(current: PortalRecord, seen: PortalRecord, started_token: str, now: int) -> bool:
+    """Mark `current` revoked, unless it changed since the job saw it fail.
+
+    A new application_token is a reinstall, a new refresh token a chain someone else moved on:
+    either way this job's evidence is about a record that no longer exists.
+    """
+    if current.revoked_at is not None or not _same_token(current, started_token):
+        return False
+    if current.refresh_token != seen.refresh_token:
+        return False
+    current.data["revoked_at"] = now
+    return True
 
 
 def _same_token(record: PortalRecord, token: str | None) -> bool:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
+from . import logsafety  # noqa: F401 - imported for its effect: no secrets in DEBUG logs
 from .errors import ConfigError, PermanentError, TransientError, classify_oauth
 from .record import domain_of
 from .store import AppCredentials

@@ -24,6 +24,7 @@ from .errors import B24Error
 from .oauth import OAuthClient, trusted_token_url
 from .record import PortalRecord, domain_of, valid_member_id
 from .store import PortalStore
+from .tokens import persist
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def register(
         }
     )
     data.pop("revoked_at", None)  # a fresh install or update proves the app is there
-    store.put(member_id, PortalRecord(data), secure=True)
+    # The posted refresh token is spent: this write holds the chain's only copy.
+    persist(store, member_id, PortalRecord(data), secure=True)
     log.info("registered %s for portal %s", event, member_id)
     return Registration(member_id=member_id, event=event, created=existing is None)
 

@@ -18,6 +18,10 @@ from .emulator import App, Emulator, Installation, Portal
 from .record import PortalRecord
 from .store import BOTO_CONFIG, PortalStore
 
+# moto intercepts HTTP through `responses`, which logs every passed-through URL at INFO; the OAuth
+# refresh URL carries the client secret and refresh token (reference §7).
+logging.getLogger("responses").setLevel(logging.WARNING)
+
 DEFAULT_PREFIX = "/b24-cleanup/demo"
 REGION = "us-east-1"
 FAKE_AWS_ENV = {

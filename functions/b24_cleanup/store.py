@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
+from . import logsafety  # noqa: F401 - imported for its effect: no secrets in DEBUG logs
 from .errors import ConfigError, TransientError
 from .record import PortalRecord, valid_member_id
 
@@ -157,6 +158,19 @@ class PortalStore:
         """
         name = self.portal_name(member_id)
         self._put(name, record.to_json(), self._meta(name), secure=secure)
+
+    def modify(self, member_id: str, change: Callable[[PortalRecord], bool]) -> PortalRecord | None:
+        """Apply `change` to a fresh read of the record and write it back if `change` says so.
+
+        For edits of one field (a mark, an address): whatever another writer stored meanwhile (a
+        refreshed pair, a reinstall) is kept. SSM has no conditional write, so this narrows the
+        window to one read-write round trip rather than closing it.
+        """
+        current = self.get(member_id)
+        if current is None or not change(current):
+            return current
+        self.put(member_id, current)
+        return current
 
     def delete_if_token(self, member_id: str, application_token: str) -> bool:
         """Delete the record only while its `application_token` still equals `application_token`.

@@ -28,6 +28,10 @@ _locks_guard = threading.Lock()
 # The newest record this process wrote per portal: a thread that waited for the lock adopts it
 # instead of spending an already-spent refresh token.
 _latest: dict[str, PortalRecord] = {}
+# Pairs rotated at the OAuth server whose write to SSM failed: the only copy of the chain. The
+# next refresh of that portal in this process (the job's retry) stores it instead of spending
+# the dead token.
+_pending: dict[str, PortalRecord] = {}
 
 # A concurrent writer may have refreshed at the OAuth server and not yet written SSM: give its
 # PutParameter this long before the one re-read decides.
@@ -74,7 +78,7 @@ class TokenKeeper:
 
     def access_token(self) -> str:
         """A token that is not due; refreshes (and persists) first when it is."""
-        if self.record.refresh_due(self.clock()):
+        if self.record.refresh_due(self.clock()) or self.member_id in _pending:
             self.refresh()
         return self.record.access_token
 
@@ -85,6 +89,13 @@ class TokenKeeper:
         process has replaced it meanwhile, that newer pair is adopted instead of refreshing.
         """
         with _lock_for(self.member_id):
+            pending = _pending.get(self.member_id)
+            if pending is not None:
+                log.warning("portal %s: storing a rotated token pair an earlier write failed to store", self.member_id)
+                self.record = pending.copy()
+                self._store_rotated()
+                if not self.record.refresh_due(self.clock()):
+                    return
             latest = _latest.get(self.member_id)
             if (
                 latest is not None
@@ -104,9 +115,15 @@ class TokenKeeper:
                 if answer is None:  # another writer's pair was adopted
                     return
             apply_refresh(self.record.data, answer)
-            self._persist()
-            _latest[self.member_id] = self.record.copy()
-            self.fresh = True
+            _pending[self.member_id] = self.record.copy()
+            self._store_rotated()
+
+    def _store_rotated(self) -> None:
+        """Persist a just-rotated pair; only once it is stored may it be used (SPEC §5 step 3)."""
+        persist(self.store, self.member_id, self.record, sleep=self.sleep)
+        _pending.pop(self.member_id, None)
+        _latest[self.member_id] = self.record.copy()
+        self.fresh = True
 
     def _call_oauth(self, refresh_token: str) -> dict:
         self.refreshed += 1
@@ -134,23 +151,6 @@ class TokenKeeper:
                 again.code, "refused by the OAuth server, also for the re-read token", method="oauth"
             ) from None
 
-    def _persist(self) -> None:
-        """Write the record; a rotated refresh token must never be dropped (SPEC §7)."""
-        for attempt in range(1, _PUT_ATTEMPTS + 1):
-            try:
-                self.store.put(self.member_id, self.record)
-                return
-            except TransientError:
-                if attempt == _PUT_ATTEMPTS:
-                    log.error(
-                        "portal %s: could not persist a refreshed token pair after %d attempts; "
-                        "the chain is at risk",
-                        self.member_id,
-                        attempt,
-                    )
-                    raise
-                self.sleep(min(8.0, 0.5 * 2**attempt))
-
     def follow_rename(self, client_endpoint: str) -> None:
         """The portal answered 302: remember (and, unless a dry run, persist) its new address."""
         if client_endpoint == self.record.client_endpoint:
@@ -158,7 +158,42 @@ class TokenKeeper:
         log.info("portal %s moved; following the redirect to its new address", self.member_id)
         self.record.set_client_endpoint(client_endpoint)
         if self.persist_renames:
-            self._persist()
+            # Only the address changes, on a fresh read: a pair another writer stored meanwhile stays.
+            self.store.modify(self.member_id, lambda current: _moved(current, client_endpoint))
+
+
+def _moved(record: PortalRecord, client_endpoint: str) -> bool:
+    if record.client_endpoint == client_endpoint:
+        return False
+    record.set_client_endpoint(client_endpoint)
+    return True
+
+
+def persist(
+    store: PortalStore,
+    member_id: str,
+    record: PortalRecord,
+    *,
+    secure: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Write a record that holds a just-rotated pair, retrying beyond botocore's own retries.
+
+    The pair exists nowhere else (the used refresh token is spent): give SSM every chance.
+    """
+    for attempt in range(1, _PUT_ATTEMPTS + 1):
+        try:
+            store.put(member_id, record, secure=secure)
+            return
+        except TransientError:
+            if attempt == _PUT_ATTEMPTS:
+                log.error(
+                    "portal %s: could not persist a refreshed token pair after %d attempts; the chain is at risk",
+                    member_id,
+                    attempt,
+                )
+                raise
+            sleep(min(8.0, 0.5 * 2**attempt))
 
 
 def check_usable(record: PortalRecord) -> None:

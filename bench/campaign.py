@@ -1,0 +1,859 @@
+"""Fault-injection campaign (issue 6): many portals, a fifth of all REST requests failing, AWS faults.
+
+    .venv/bin/python -m bench.campaign [--portals 200] [--fault-rate 0.2] [--seed 7] [--aws-fault-rate 0.05]
+
+Everything runs on loopback: the project's Bitrix24 emulator and moto in-process (the sandbox), with
+the real Lambda handlers. Portals get mixed handler sets (declared, orphans under several auth
+types, offline rows, a 60-orphan portal, expired and silently expired tokens, revoked portals,
+licence-locked rows, genuine and spoofed uninstall events, and a few portals that fail every
+attempt). Then the emulator fails a random `--fault-rate` of REST requests (500, 503
+QUERY_LIMIT_EXCEEDED, 429 OPERATION_TIME_LIMIT, 503 OVERLOAD_LIMIT, dropped connections) and
+botocore hooks fail `--aws-fault-rate` of the SSM and SQS calls the handlers make (throttling, 5xx,
+reset connections, and replies lost after the call took effect). Scheduler → queue → worker runs
+through `drain`, with redelivery of failed records and moto's dead-letter queue after 5 receives.
+
+At the end it checks SPEC §7 against the emulator's and moto's state:
+- every portal job ended with the outcome its portal was built for, or is in the DLQ (none dropped);
+- no declared handler was unbound; no portal reported cleaned/clean still holds an orphan;
+- every stored refresh token still works at the emulator (refreshed once, at the very end);
+- the EMF metrics add up: PortalsProcessed = the outcome counters + the `clean` jobs;
+- no token, refresh token, client secret or application token appears in anything printed.
+It prints what happened and exits 1 when an invariant is broken.
+
+The test suite runs the same code on fewer portals (tests/test_reliability.py): one implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import redirect_stdout
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+from urllib.parse import urlencode
+
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+
+from b24_cleanup.emulator import CHAOS_FAULTS, Portal, payloads
+from b24_cleanup.engine import Engine, EngineOptions
+from b24_cleanup.functionurl import FakeContext, function_url_event
+from b24_cleanup.oauth import OAuthClient
+from b24_cleanup.pacing import Backoff
+from b24_cleanup.record import PortalRecord
+from b24_cleanup.sandbox import Sandbox, collect_results, drain, sandbox
+from b24_cleanup.store import PortalStore
+
+APP = "https://app.example.com/b24"
+OLD = "https://app-v1.example.com/b24/events"  # a deployment retired long ago
+UNINSTALL_URL = f"{APP}/uninstall"
+DECLARED = [
+    {"event": "ONCRMLEADADD", "handler": f"{APP}/events"},
+    {"event": "ONCRMDEALUPDATE", "handler": f"{APP}/events"},
+    {"event": "ONCRMDEALADD", "event_type": "offline"},
+    {"event": "ONAPPUNINSTALL", "handler": UNINSTALL_URL},
+]
+_DECLARED_ONLINE = {(d["event"], d["handler"]) for d in DECLARED if "handler" in d}
+_DECLARED_OFFLINE = {d["event"] for d in DECLARED if d.get("event_type") == "offline"}
+
+OUTCOME_COUNTERS = {
+    "cleaned": "PortalsCleaned",
+    "revoked": "PortalsRevoked",
+    "skipped": "PortalsSkipped",
+    "incomplete": "PortalsIncomplete",
+    "failed": "PortalsFailed",
+}
+RECORD_KEYS = ("member_id", "domain", "client_endpoint", "server_endpoint", "access_token", "refresh_token",
+               "expires", "application_token")
+DLQ = "dlq"
+MAX_RECEIVES = 5  # the sandbox queue's maxReceiveCount, as in template.yaml
+
+# Portal kinds: share of the portals, minimum count, and what each job must end as.
+#   tidy          only declared handlers                                   sweep: clean
+#   orphans       declared + a random mix of orphans (stale URL under up to 3 auth types, an event the
+#                 app dropped, a second ONAPPUNINSTALL URL, offline queues)  sweep: cleaned
+#   many          60 orphan URLs: two `batch` calls                         sweep: cleaned
+#   expired       orphans, record expired: the first call refreshes         sweep: cleaned
+#   stale_access  record not due, but the portal says expired_token         sweep: cleaned
+#   revoked       app uninstalled, its event lost                           sweep: revoked (record marked)
+#   revoked_due   the same with an expired record: OAuth says invalid_grant sweep: revoked
+#   locked        an offline orphan under a connector the plan forbids      sweep: incomplete
+#   uninstalled   genuine ONAPPUNINSTALL (tokens revoked)                   uninstall: revoked, sweep: skipped
+#   early         ONAPPUNINSTALL while the tokens still work                uninstall: cleaned, sweep: skipped
+#   doomed        every unbind command fails (transient)                    sweep: in the DLQ
+#   doomed_get    every event.get fails (transient)                         sweep: in the DLQ
+KINDS: tuple[tuple[str, float, int], ...] = (
+    ("orphans", 0.0, 0),  # the remainder
+    ("tidy", 0.18, 2),
+    ("many", 0.03, 1),
+    ("expired", 0.14, 2),
+    ("stale_access", 0.07, 1),
+    ("revoked", 0.05, 1),
+    ("revoked_due", 0.025, 1),
+    ("locked", 0.02, 1),
+    ("uninstalled", 0.03, 1),
+    ("early", 0.02, 1),
+    ("doomed", 0.01, 1),
+    ("doomed_get", 0.01, 1),
+)
+EXPECT: dict[str, dict[str, frozenset[str]]] = {
+    "orphans": {"sweep": frozenset({"cleaned"})},
+    "tidy": {"sweep": frozenset({"clean"})},
+    "many": {"sweep": frozenset({"cleaned"})},
+    "expired": {"sweep": frozenset({"cleaned"})},
+    "stale_access": {"sweep": frozenset({"cleaned"})},
+    "revoked": {"sweep": frozenset({"revoked"})},
+    "revoked_due": {"sweep": frozenset({"revoked"})},
+    "locked": {"sweep": frozenset({"incomplete"})},
+    "uninstalled": {"uninstall": frozenset({"revoked"}), "sweep": frozenset({"skipped"})},
+    "early": {"uninstall": frozenset({"cleaned"}), "sweep": frozenset({"skipped"})},
+    "doomed": {"sweep": frozenset({DLQ})},
+    "doomed_get": {"sweep": frozenset({DLQ})},
+}
+# Kinds whose app is still installed at the end and whose record must hold a live token chain.
+LIVE_KINDS = frozenset({"orphans", "tidy", "many", "expired", "stale_access", "locked", "doomed", "doomed_get"})
+REVOKED_KINDS = frozenset({"revoked", "revoked_due"})
+UNINSTALL_KINDS = frozenset({"uninstalled", "early"})
+
+
+# ------------------------------------------------------------------------------------------ AWS faults
+
+
+class _Body:
+    """The raw body botocore's AWSResponse reads from."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._data
+
+
+# Where a faulted request is pointed so that moto's stubber (which also sees every `before-send`)
+# finds no backend for it and leaves the state alone: the injected answer is the only one.
+_NOWHERE = "http://127.0.0.1:9/fault-injected"
+
+
+class AwsFaults:
+    """SSM and SQS faults injected into boto3 clients through botocore's `before-send` event.
+
+    Each attempt botocore makes (retries included) is one draw: with probability `rate` it fails
+    with one of `kinds`. Or script exact faults per operation with :meth:`fail_next`.
+
+    - `throttle`: HTTP 400 ThrottlingException (botocore's adaptive mode backs off and slows down)
+    - `5xx`: HTTP 500 InternalServerError / 503 ServiceUnavailable
+    - `reset`: the connection closes before the request is sent
+    - `lost_reply`: the call takes effect, then the reply is lost (read timeout): the retry repeats it
+
+    The first three never reach moto's backend, so they cannot half-apply a call. botocore retries
+    all four (`max_attempts` of the client's config); what is left reaches the application code.
+    """
+
+    KINDS = ("throttle", "5xx", "reset", "lost_reply")
+
+    def __init__(
+        self,
+        rate: float = 0.0,
+        *,
+        seed: int | None = None,
+        kinds: Sequence[str] = KINDS,
+        operations: Iterable[str] | None = None,
+    ) -> None:
+        unknown = set(kinds) - set(self.KINDS)
+        if unknown:
+            raise ValueError(f"unknown AWS fault kinds: {sorted(unknown)}")
+        self.rate = rate
+        self.kinds = tuple(kinds)
+        self.operations = frozenset(operations) if operations is not None else None
+        self.rng = random.Random(seed)
+        self.injected: Counter[tuple[str, str]] = Counter()  # (service.Operation, kind)
+        self.attempts: Counter[str] = Counter()  # service.Operation → attempts seen
+        self._scripted: dict[str, list[str]] = defaultdict(list)
+        self._pending: dict[int, str] = {}  # id(request) → kind to apply after moto (lost_reply)
+        self._lock = threading.Lock()
+
+    def attach(self, *clients: Any) -> AwsFaults:
+        for client in clients:
+            service = client.meta.service_model.service_id.hyphenize()
+            events = client.meta.events
+            # botocore calls the handlers of the most specific event name first: `_before` (on
+            # `before-send.ssm`) runs ahead of moto's stubber (on `before-send`), and `_after`, last
+            # on `before-send` itself, runs once moto has answered.
+            events.register_first(f"before-send.{service}", self._before, unique_id=f"aws-faults-first-{id(self)}")
+            events.register_last("before-send", self._after, unique_id=f"aws-faults-last-{id(self)}")
+        return self
+
+    def fail_next(self, operation: str, *kinds: str) -> None:
+        """The next attempts of `operation` (`ssm.PutParameter`) fail with `kinds`, in order."""
+        with self._lock:
+            self._scripted[operation].extend(kinds)
+
+    @property
+    def total(self) -> int:
+        return sum(self.injected.values())
+
+    def by_operation(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for (operation, _), n in self.injected.items():
+            out[operation] += n
+        return dict(out)
+
+    def _choose(self, operation: str) -> str | None:
+        with self._lock:
+            self.attempts[operation] += 1
+            if self._scripted.get(operation):
+                kind = self._scripted[operation].pop(0)
+            elif self.rate and (self.operations is None or operation in self.operations) and (
+                self.rng.random() < self.rate
+            ):
+                kind = self.rng.choice(self.kinds)
+            else:
+                return None
+            self.injected[(operation, kind)] += 1
+            return kind
+
+    def _before(self, request: Any, event_name: str, **_: Any) -> AWSResponse | None:
+        parts = event_name.split(".")
+        operation = f"{parts[1]}.{parts[2]}" if len(parts) > 2 else parts[-1]
+        kind = self._choose(operation)
+        if kind is None:
+            return None
+        if kind == "lost_reply":
+            with self._lock:
+                self._pending[id(request)] = kind
+            return None  # moto runs the call; `_after` loses its reply
+        if kind == "reset":
+            raise ConnectionClosedError(endpoint_url=request.url)
+        request.url = _NOWHERE
+        if kind == "throttle":
+            status, error = 400, "ThrottlingException"
+        else:
+            status, error = self.rng.choice(((500, "InternalServerError"), (503, "ServiceUnavailable")))
+        body = json.dumps({"__type": error, "message": "injected by bench.campaign.AwsFaults"}).encode()
+        headers = {"x-amzn-RequestId": "fault-injected", "Content-Type": "application/x-amz-json-1.1"}
+        return AWSResponse(_NOWHERE, status, headers, _Body(body))
+
+    def _after(self, request: Any, **_: Any) -> None:
+        with self._lock:
+            kind = self._pending.pop(id(request), None)
+        if kind == "lost_reply":
+            raise ReadTimeoutError(endpoint_url=request.url)
+
+
+# ------------------------------------------------------------------------------------------ the campaign
+
+
+@dataclass
+class CampaignConfig:
+    portals: int = 200
+    fault_rate: float = 0.2
+    seed: int = 7
+    aws_fault_rate: float = 0.05
+    aws_fault_kinds: tuple[str, ...] = AwsFaults.KINDS
+    timeout_delay: float = 0.2  # an injected timeout: the emulator waits this long, then drops the line
+    read_timeout: float = 1.0  # the engine's: a bit above the injected timeouts
+    backoff: Backoff = field(default_factory=lambda: Backoff(attempts=5, base=0.01, cap=0.1))
+    settle_seconds: float = 0.2
+    rate: float = 2.0  # the engine's per-portal pacing (SPEC: 2 requests/s)
+    spoofs: int = 2  # forged ONAPPUNINSTALL posts (wrong application_token)
+    max_rounds: int = 2000
+    prefix: str = "/b24-cleanup/campaign"
+
+
+@dataclass
+class Case:
+    kind: str
+    member_id: str
+    domain: str
+    portal: Portal
+    application_token: str
+    declared_before: set[tuple[str, str, str]] = field(default_factory=set)
+    rows_before: int = 0
+
+
+@dataclass
+class CampaignReport:
+    config: CampaignConfig
+    kinds: Counter[str] = field(default_factory=Counter)
+    rest_requests: int = 0
+    oauth_requests: int = 0
+    rest_faults: Counter[str] = field(default_factory=Counter)  # the emulator's random chaos
+    scripted_faults: int = 0  # the doomed portals' own failures
+    aws_faults: Counter[tuple[str, str]] = field(default_factory=Counter)
+    aws_attempts: int = 0
+    endpoint_statuses: Counter[int] = field(default_factory=Counter)
+    enqueued: int = 0
+    jobs: int = 0
+    jobs_by_action: Counter[str] = field(default_factory=Counter)
+    invocations: int = 0
+    deliveries: int = 0
+    messages: int = 0
+    final: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    dlq: list[tuple[str, str]] = field(default_factory=list)  # (portal kind, action) of each DLQ message
+    dlq_deliveries: list[int] = field(default_factory=list)  # how often each was delivered before
+    delivered: Counter[str] = field(default_factory=Counter)  # message id → deliveries
+    left_in_queue: int = 0
+    tokens_expected: int = 0
+    tokens_verified: int = 0
+    declared_rows: int = 0
+    declared_lost: int = 0
+    orphans_left_when_done: int = 0
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    secrets_checked: int = 0
+    secrets_leaked: int = 0
+    output_lines: int = 0
+    seconds: float = 0.0
+    broken: list[str] = field(default_factory=list)
+
+    @property
+    def redeliveries(self) -> int:
+        return self.deliveries - self.messages
+
+    @property
+    def ok(self) -> bool:
+        return not self.broken
+
+    def format(self) -> str:
+        c = self.config
+        lines = [
+            f"b24-cleanup fault-injection campaign: {c.portals} portals, seed {c.seed}, "
+            f"REST fault rate {c.fault_rate:.0%}, AWS fault rate {c.aws_fault_rate:.0%}",
+            "portals by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items())),
+            f"faults injected: {sum(self.rest_faults.values())} REST at random of {self.rest_requests} REST requests ("
+            + ", ".join(f"{k} {n}" for k, n in sorted(self.rest_faults.items()))
+            + f"; plus {self.scripted_faults} scripted on doomed portals); "
+            f"{sum(self.aws_faults.values())} AWS of {self.aws_attempts} SSM/SQS attempts ("
+            + ", ".join(f"{k} {n}" for k, n in sorted(_by_kind(self.aws_faults).items())) + ")",
+            "AWS faults by call: " + (", ".join(f"{op} {n}" for op, n in sorted(_by_op(self.aws_faults).items()))
+                                      or "none"),
+            f"OAuth requests: {self.oauth_requests} (refreshes, never faulted by the emulator's chaos)",
+            "endpoint answers: " + ", ".join(f"{s}: {n}" for s, n in sorted(self.endpoint_statuses.items())),
+            f"jobs: {self.jobs} ({', '.join(f'{a} {n}' for a, n in sorted(self.jobs_by_action.items()))}); "
+            f"{self.enqueued} sweeps enqueued; {self.messages} messages, {self.deliveries} deliveries, "
+            f"redeliveries: {self.redeliveries}; worker invocations: {self.invocations}",
+        ]
+        for action, counts in sorted(self.final.items()):
+            lines.append(f"final outcomes ({action}): " + ", ".join(f"{o} {n}" for o, n in sorted(counts.items())))
+        dlq_by_kind = Counter(kind for kind, _ in self.dlq)
+        lines += [
+            f"DLQ: {len(self.dlq)} message(s) ({', '.join(f'{k} {n}' for k, n in sorted(dlq_by_kind.items()))}), "
+            f"delivered {'/'.join(str(n) for n in sorted(set(self.dlq_deliveries))) or '-'} times each before "
+            f"moto moved them; left in the queue: {self.left_in_queue}",
+            f"tokens verified: {self.tokens_verified}/{self.tokens_expected} stored refresh tokens still refresh",
+            f"declared handlers lost: {self.declared_lost} (of {self.declared_rows} declared rows)",
+            f"orphans left on portals reported cleaned/clean: {self.orphans_left_when_done}",
+        ]
+        for action, values in sorted(self.metrics.items()):
+            lines.append(f"metrics ({action}): " + ", ".join(f"{k} {int(v)}" for k, v in sorted(values.items())))
+        lines += [
+            f"secrets found in {self.output_lines} lines of output and logs: {self.secrets_leaked} "
+            f"(of {self.secrets_checked} issued)",
+            f"elapsed: {self.seconds:.1f} s",
+            "invariants: all hold" if self.ok else "INVARIANTS BROKEN:\n  " + "\n  ".join(self.broken),
+        ]
+        return "\n".join(lines)
+
+
+def _by_kind(faults: Counter[tuple[str, str]]) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for (_, kind), n in faults.items():
+        out[kind] += n
+    return out
+
+
+def _by_op(faults: Counter[tuple[str, str]]) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for (op, _), n in faults.items():
+        out[op] += n
+    return out
+
+
+def allocate(n: int) -> list[str]:
+    """The kind of each of `n` portals: shares with minimums, the rest `orphans`."""
+    counts = {kind: max(minimum, round(share * n)) for kind, share, minimum in KINDS if kind != "orphans"}
+    if sum(counts.values()) > n:
+        raise ValueError(f"{n} portals are too few for every kind (need {sum(counts.values()) + 1})")
+    counts["orphans"] = n - sum(counts.values())
+    return [kind for kind, _, _ in KINDS for _ in range(counts[kind])]
+
+
+# -- handler rows ------------------------------------------------------------------------------------
+
+
+def _declared_rows(rng: random.Random) -> list[dict[str, Any]]:
+    rows = [
+        {"event": "ONCRMLEADADD", "handler": f"{APP}/events"},
+        {"event": "ONCRMDEALUPDATE", "handler": f"{APP}/events", "user_id": 1},
+        {"event": "ONCRMDEALADD", "offline": True},
+        {"event": "ONAPPUNINSTALL", "handler": UNINSTALL_URL},
+    ]
+    if rng.random() < 0.5:  # a declared pair under a second auth type is declared as a whole
+        rows.append({"event": "ONCRMLEADADD", "handler": f"{APP}/events", "user_id": 2})
+    if rng.random() < 0.3:  # a declared offline event under a connector
+        rows.append({"event": "ONCRMDEALADD", "offline": True, "connector_id": "erp"})
+    return rows
+
+
+def _orphan_rows(rng: random.Random) -> list[dict[str, Any]]:
+    choices: list[list[dict[str, Any]]] = [
+        [{"event": "ONCRMLEADADD", "handler": OLD, "user_id": u} for u in rng.sample([0, 1, 2], rng.randint(1, 3))],
+        [{"event": "ONCRMCONTACTADD", "handler": f"{APP}/events"}],  # an event the app dropped
+        [{"event": "ONAPPUNINSTALL", "handler": OLD}],  # a second uninstall URL: the declared one stays
+        [{"event": "ONCRMLEADUPDATE", "offline": True}],
+        [{"event": "ONCRMLEADDELETE", "offline": True, "connector_id": "sync"}],
+        [{"event": "ONCRMDEALUPDATE", "handler": OLD, "user_id": 2}],
+    ]
+    picked = rng.sample(choices, rng.randint(1, len(choices)))
+    return [row for group in picked for row in group]
+
+
+def _row_key(item: dict[str, Any]) -> tuple[str, str, str]:
+    if str(item.get("offline")) in ("1", "True", "true"):
+        return (str(item["event"]).upper(), "", "offline:" + str(item.get("connector_id") or ""))
+    return (str(item["event"]).upper(), str(item.get("handler")), "user:" + str(item.get("auth_type")))
+
+
+def _is_declared(key: tuple[str, str, str]) -> bool:
+    event, handler, where = key
+    if where.startswith("offline:"):
+        return event in _DECLARED_OFFLINE
+    return (event, handler) in _DECLARED_ONLINE
+
+
+def _rows(case: Case, box: Sandbox) -> set[tuple[str, str, str]]:
+    return {_row_key(item) for item in case.portal.handlers(box.app)}
+
+
+# -- output capture ----------------------------------------------------------------------------------
+
+
+class _Capture:
+    """Everything the handlers print (EMF on stdout, JSON logs) and every log record, kept in memory."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.emf: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:  # the Powertools log handlers' stream
+        with self._lock:
+            self.lines.extend(line for line in text.splitlines() if line.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+    def take(self, text: str) -> None:
+        for line in text.splitlines():
+            if line.startswith('{"_aws"'):
+                with self._lock:
+                    self.emf.append(json.loads(line))
+                    self.lines.append(line)
+            elif line.strip():
+                self.write(line)
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+
+class _RecordSink(logging.Handler):
+    """Formats every log record (message, extras, traceback) that reaches it, for the leak scan."""
+
+    def __init__(self, capture: _Capture) -> None:
+        super().__init__(logging.DEBUG)
+        self.capture = capture
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # a record that cannot be formatted still has its parts scanned
+            text = f"{record.msg!r} {record.args!r}"
+        extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS}
+        self.capture.write(f"{text} {extras!r}")
+
+
+_STANDARD_RECORD_KEYS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_LOGGERS = ("", "b24_cleanup", "b24-cleanup")
+
+
+@contextlib.contextmanager
+def _captured(capture: _Capture) -> Iterator[None]:
+    from b24_cleanup.handlers import observability
+
+    sink = _RecordSink(capture)
+    saved_streams = [(h, h.stream) for h in observability.logger.handlers if hasattr(h, "stream")]
+    for handler, _ in saved_streams:
+        handler.stream = capture
+    for name in _LOGGERS:
+        logging.getLogger(name).addHandler(sink)
+    try:
+        yield
+    finally:
+        for name in _LOGGERS:
+            logging.getLogger(name).removeHandler(sink)
+        for handler, stream in saved_streams:
+            handler.stream = stream
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _invoke(capture: _Capture, handler: Callable[[dict[str, Any], Any], Any], event: dict[str, Any]) -> Any:
+    """Call a Lambda handler as Lambda would, keeping what it prints."""
+    buffer = io.StringIO()
+    try:
+        with redirect_stdout(buffer):
+            return handler(event, FakeContext())
+    finally:
+        capture.take(buffer.getvalue())
+
+
+def _receive_all(sqs: Any, queue_url: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for _ in range(10_000):  # bounded: a queue of this campaign never holds that many
+        got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=600)
+        messages = got.get("Messages", [])
+        if not messages:
+            break
+        out.extend(messages)
+    return out
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+def run_campaign(
+    config: CampaignConfig | None = None, *, progress: Callable[[str], None] | None = None
+) -> CampaignReport:
+    """Seed, break, run, verify: the one implementation behind the script and the test."""
+    import boto3
+
+    from b24_cleanup.handlers import endpoint, scheduler, worker
+
+    config = config or CampaignConfig()
+    say = progress or (lambda _line: None)
+    report = CampaignReport(config)
+    started = time.monotonic()
+    rng = random.Random(config.seed)
+    capture = _Capture()
+    with (
+        sandbox(prefix=config.prefix, declared=DECLARED, timeout_delay=config.timeout_delay) as box,
+        _environment(box.env(POWERTOOLS_METRICS_NAMESPACE="B24Cleanup", POWERTOOLS_SERVICE_NAME="b24-cleanup")),
+        _captured(capture),
+        collect_results() as results,
+    ):
+        for reset in (endpoint.reset_clients, scheduler.reset_clients, worker.reset_engine):
+            reset()
+        try:
+            cases = _seed(box, rng, config, report)
+            say(f"seeded {len(cases)} portals")
+            sqs = boto3.client("sqs")
+
+            # The handlers' own clients (created now, so that the faults reach every call they make).
+            worker_store = PortalStore(box.prefix)
+            options = EngineOptions(
+                backoff=config.backoff,
+                rate=config.rate,
+                settle_seconds=config.settle_seconds,
+                timeout=(1.0, config.read_timeout),
+            )
+            worker._engine = Engine(worker_store, options=options)  # what worker.engine() hands out
+            faults = AwsFaults(config.aws_fault_rate, seed=config.seed, kinds=config.aws_fault_kinds)
+            faults.attach(endpoint._store().client, endpoint._sqs(), scheduler._store().client, scheduler._sqs(),
+                          worker_store.client)
+            box.emulator.chaos(config.fault_rate, seed=config.seed)
+
+            # Events reach the endpoint: genuine uninstalls, and forged ones.
+            for case in cases:
+                if case.kind in UNINSTALL_KINDS:
+                    if case.kind == "uninstalled":
+                        box.emulator.uninstall(case.portal, box.app)  # rows gone, tokens revoked
+                    _post_uninstall(capture, box, case, case.application_token, report)
+            forged = [c for c in cases if c.kind == "tidy"][: config.spoofs]
+            for case in forged:
+                _post_uninstall(capture, box, case, "0" * 32, report)
+
+            # Night: the scheduler queues every stored portal; the worker drains the queue.
+            answer = _invoke(capture, scheduler.lambda_handler,
+                             {"scheduled_time": time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime())})
+            report.enqueued = int(answer.get("enqueued", 0))
+            say(f"{report.enqueued} sweep jobs enqueued; draining")
+
+            def deliver(event: dict[str, Any], context: Any) -> dict[str, Any]:
+                for record in event["Records"]:
+                    report.deliveries += 1
+                    report.delivered[record["messageId"]] += 1
+                return _invoke(capture, worker.lambda_handler, event)
+
+            report.invocations = drain(sqs, box.queue_url, deliver, FakeContext(), max_rounds=config.max_rounds)
+            report.messages = len(report.delivered)
+            box.emulator.chaos(0)
+            report.aws_faults = Counter(faults.injected)
+            report.aws_attempts = sum(faults.attempts.values())
+            faults.rate = 0.0
+            _verify(box, cases, results.jobs, capture, sqs, report)
+        finally:
+            for reset in (endpoint.reset_clients, scheduler.reset_clients, worker.reset_engine):
+                reset()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _seed(box: Sandbox, rng: random.Random, config: CampaignConfig, report: CampaignReport) -> list[Case]:
+    cases: list[Case] = []
+    kinds = allocate(config.portals)
+    rng.shuffle(kinds)
+    for i, kind in enumerate(kinds):
+        rows = _declared_rows(rng)
+        if kind in ("orphans", "expired", "stale_access", "early", "doomed", "doomed_get", "locked"):
+            rows += _orphan_rows(rng)
+        if kind == "many":
+            rows += [{"event": "ONCRMDEALADD", "handler": f"https://u{n}.example.com/h"} for n in range(60)]
+        if kind == "locked":
+            rows.append({"event": "ONCRMLEADADD", "offline": True, "connector_id": "locked"})
+        if kind == "doomed" and not any("handler" in r and (r["event"], r["handler"]) not in _DECLARED_ONLINE
+                                        for r in rows):
+            rows.append({"event": "ONCRMLEADADD", "handler": OLD})
+        seeded = box.add_portal(f"p{i:04d}-{kind.replace('_', '-')}.bitrix24.test", handlers=rows,
+                                expired=kind in ("expired", "revoked_due"))
+        portal = seeded.portal
+        if kind == "stale_access":
+            portal.expire_tokens(box.app)  # the record says valid; the portal disagrees
+        elif kind in REVOKED_KINDS:
+            box.emulator.uninstall(portal, box.app)  # its ONAPPUNINSTALL never arrives
+        elif kind == "locked":
+            portal.license_auth_connector = False
+        elif kind == "doomed":
+            portal.fail_command(lambda method, _params: method == "event.unbind", "INTERNAL_SERVER_ERROR")
+        elif kind == "doomed_get":
+            portal.fail_next(10_000, "INTERNAL_SERVER_ERROR", methods={"event.get"})
+        case = Case(kind, portal.member_id, portal.domain, portal, seeded.installation.application_token)
+        keys = _rows(case, box)
+        case.rows_before = len(keys)
+        case.declared_before = {k for k in keys if _is_declared(k)}
+        cases.append(case)
+        report.kinds[kind] += 1
+    return cases
+
+
+def _post_uninstall(capture: _Capture, box: Sandbox, case: Case, token: str, report: CampaignReport) -> None:
+    from b24_cleanup.handlers import endpoint
+
+    pairs = payloads.uninstall_form(box.emulator.state, case.portal, token, clean=True)
+    event = function_url_event("POST", "/", {"content-type": "application/x-www-form-urlencoded"},
+                               urlencode(pairs).encode())
+    answer = _invoke(capture, endpoint.lambda_handler, event)
+    report.endpoint_statuses[int(answer["statusCode"])] += 1
+
+
+def _verify(box: Sandbox, cases: list[Case], jobs: list[dict[str, Any]], capture: _Capture, sqs: Any,
+            report: CampaignReport) -> None:
+    broken = report.broken
+    by_member = {c.member_id: c for c in cases}
+
+    # -- the request log ----------------------------------------------------------------------
+    log = box.emulator.requests_log()
+    report.rest_requests = sum(1 for e in log if e.kind == "rest")
+    report.oauth_requests = sum(1 for e in log if e.kind == "oauth")
+    chaos_codes = set(CHAOS_FAULTS)
+    scripted = {c.member_id for c in cases if c.kind == "doomed_get"}  # their event.get always fails
+    for e in log:
+        if e.kind == "rest" and e.error in chaos_codes:
+            if e.member_id in scripted and e.method == "event.get":
+                report.scripted_faults += 1
+            else:
+                report.rest_faults[e.error] += 1
+
+    # -- jobs, their outcomes, the DLQ and the queue -------------------------------------------
+    final: dict[tuple[str, str], str] = {}
+    for job in jobs:
+        report.jobs += 1
+        report.jobs_by_action[job["action"]] += 1
+        final[(job["member_id"], job["action"])] = job["outcome"]
+    for message in _receive_all(sqs, box.dlq_url):
+        body = json.loads(message["Body"])
+        case = by_member.get(body.get("member_id"))
+        report.dlq.append((case.kind if case else "?", body.get("action", "?")))
+        report.dlq_deliveries.append(report.delivered.get(message["MessageId"], 0))
+        final[(body.get("member_id"), body.get("action"))] = DLQ
+    if any(n != MAX_RECEIVES for n in report.dlq_deliveries):
+        broken.append(f"DLQ messages delivered {report.dlq_deliveries} times, not maxReceiveCount={MAX_RECEIVES}")
+    report.left_in_queue = len(_receive_all(sqs, box.queue_url))
+    if report.left_in_queue:
+        broken.append(f"{report.left_in_queue} message(s) still in the queue after the drain")
+    for (_, action), outcome in final.items():
+        report.final[action][outcome] += 1
+    spoofed_ok = report.endpoint_statuses.get(401, 0) == min(report.config.spoofs, report.kinds["tidy"])
+    if not spoofed_ok:
+        broken.append(f"forged uninstalls not all refused with 401: {dict(report.endpoint_statuses)}")
+    if report.endpoint_statuses.get(200, 0) != sum(report.kinds[k] for k in UNINSTALL_KINDS):
+        broken.append(f"genuine uninstalls not all accepted: {dict(report.endpoint_statuses)}")
+    for case in cases:
+        for action, allowed in EXPECT[case.kind].items():
+            outcome = final.get((case.member_id, action))
+            if outcome is None:
+                broken.append(f"{case.kind} portal {case.member_id}: {action} job has no outcome and is not in "
+                              "the DLQ (silently dropped)")
+            elif outcome != DLQ and outcome not in allowed:
+                broken.append(f"{case.kind} portal {case.member_id}: {action} ended {outcome}, expected "
+                              f"{'/'.join(sorted(allowed))}")
+            elif DLQ in allowed and outcome != DLQ:
+                broken.append(f"{case.kind} portal {case.member_id}: {action} ended {outcome}, expected the DLQ")
+        unexpected = {a for (m, a) in final if m == case.member_id} - set(EXPECT[case.kind])
+        if unexpected:
+            broken.append(f"{case.kind} portal {case.member_id}: unexpected jobs {sorted(unexpected)}")
+
+    # -- handler rows: declared kept, orphans gone where reported done -----------------------------
+    for case in cases:
+        after = _rows(case, box)
+        if case.kind in UNINSTALL_KINDS:
+            # The portal deletes every row when it uninstalls the app; an uninstall job with working
+            # tokens unbinds every owned handler, by design.
+            if final.get((case.member_id, "uninstall")) in ("cleaned", "revoked") and after:
+                broken.append(f"{case.kind} portal {case.member_id}: {len(after)} rows left after the uninstall")
+            continue
+        report.declared_rows += len(case.declared_before)
+        lost = case.declared_before - after
+        if lost:
+            report.declared_lost += len(lost)
+            broken.append(f"{case.kind} portal {case.member_id}: declared handlers unbound: {sorted(lost)}")
+        if final.get((case.member_id, "sweep")) in ("cleaned", "clean"):
+            left = {k for k in after if not _is_declared(k)}
+            if left:
+                report.orphans_left_when_done += len(left)
+                broken.append(f"{case.kind} portal {case.member_id} reported done with orphans left: {sorted(left)}")
+
+    # -- records -----------------------------------------------------------------------------------
+    records: dict[str, PortalRecord | None] = {c.member_id: box.store.get(c.member_id) for c in cases}
+    for case in cases:
+        record = records[case.member_id]
+        if case.kind in UNINSTALL_KINDS:
+            if record is not None and final.get((case.member_id, "uninstall")) != DLQ:
+                broken.append(f"{case.kind} portal {case.member_id}: record kept after the uninstall job")
+            continue
+        if record is None:
+            broken.append(f"{case.kind} portal {case.member_id}: record deleted")
+            continue
+        missing = [k for k in RECORD_KEYS if k not in record.data]
+        if missing:
+            broken.append(f"{case.kind} portal {case.member_id}: record lacks {missing} (half-written)")
+        if record.application_token != case.application_token:
+            broken.append(f"{case.kind} portal {case.member_id}: application_token changed")
+        if case.kind in REVOKED_KINDS and final.get((case.member_id, "sweep")) == "revoked" and (
+            record.revoked_at is None
+        ):
+            broken.append(f"{case.kind} portal {case.member_id}: revoked but not marked revoked_at")
+        if case.kind in LIVE_KINDS and record.revoked_at is not None:
+            broken.append(f"{case.kind} portal {case.member_id}: live portal marked revoked")
+
+    # -- metrics add up ---------------------------------------------------------------------------
+    totals: dict[str, dict[str, float]] = defaultdict(dict)
+    for blob in capture.emf:
+        action = str(blob.get("action", "-"))
+        for directive in blob["_aws"]["CloudWatchMetrics"]:
+            if directive.get("Dimensions") != [["action"]]:
+                broken.append(f"EMF blob with dimensions {directive.get('Dimensions')} (only [action] allowed)")
+            for metric in directive["Metrics"]:
+                values = blob.get(metric["Name"], [])
+                values = values if isinstance(values, list) else [values]
+                totals[action][metric["Name"]] = totals[action].get(metric["Name"], 0) + sum(values)
+    report.metrics = {a: dict(v) for a, v in sorted(totals.items())}
+    for action in ("sweep", "uninstall"):
+        mine = [j for j in jobs if j["action"] == action]
+        values = totals.get(action, {})
+        processed = values.get("PortalsProcessed", 0)
+        counters = sum(values.get(name, 0) for name in OUTCOME_COUNTERS.values())
+        clean = sum(1 for j in mine if j["outcome"] == "clean")
+        if processed != counters + clean:
+            broken.append(f"{action}: PortalsProcessed {processed} != outcome counters {counters} + clean {clean}")
+        if processed != len(mine):
+            broken.append(f"{action}: PortalsProcessed {processed} != {len(mine)} jobs that reached an outcome")
+        for outcome, name in OUTCOME_COUNTERS.items():
+            expected = sum(1 for j in mine if j["outcome"] == outcome)
+            if values.get(name, 0) != expected:
+                broken.append(f"{action}: {name} {values.get(name, 0)} != {expected} {outcome} jobs")
+    endpoint_values = totals.get("endpoint", {})
+    if endpoint_values.get("UninstallAccepted", 0) != report.endpoint_statuses.get(200, 0):
+        broken.append("endpoint: UninstallAccepted does not match the 200 answers")
+    if endpoint_values.get("UninstallRejected", 0) != report.endpoint_statuses.get(401, 0):
+        broken.append("endpoint: UninstallRejected does not match the 401 answers")
+    if totals.get("scheduler", {}).get("PortalsEnqueued", 0) != report.enqueued:
+        broken.append("scheduler: PortalsEnqueued does not match the jobs enqueued")
+
+    # -- no secret in anything printed or logged ----------------------------------------------------
+    secrets = {s for s in box.emulator.secrets() if s}
+    text = capture.text()
+    report.output_lines = len(capture.lines)
+    report.secrets_checked = len(secrets)
+    leaked = [s for s in secrets if s in text]
+    report.secrets_leaked = len(leaked)
+    if leaked:
+        broken.append(f"{len(leaked)} secret(s) found in the output or logs")
+
+    # -- last: every live chain still works (this spends each stored refresh token once) -----------
+    oauth = OAuthClient(box.store.app_credentials())
+    for case in cases:
+        record = records[case.member_id]
+        if case.kind not in LIVE_KINDS or record is None:
+            continue
+        report.tokens_expected += 1
+        try:
+            oauth.refresh(box.emulator.oauth_url, record.refresh_token)
+        except Exception as exc:  # any failure is the finding
+            broken.append(f"{case.kind} portal {case.member_id}: stored refresh token refused ({type(exc).__name__}:"
+                          f" {getattr(exc, 'code', '')})")
+        else:
+            report.tokens_verified += 1
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    parser = argparse.ArgumentParser(prog="python -m bench.campaign", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--portals", type=int, default=200)
+    parser.add_argument("--fault-rate", type=float, default=0.2, help="share of REST requests that fail")
+    parser.add_argument("--aws-fault-rate", type=float, default=0.05, help="share of SSM/SQS attempts that fail")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--timeout-delay", type=float, default=0.2, help="seconds before an injected timeout drops")
+    parser.add_argument("--quiet", action="store_true", help="print only the report")
+    args = parser.parse_args(argv)
+    config = CampaignConfig(portals=args.portals, fault_rate=args.fault_rate, seed=args.seed,
+                            aws_fault_rate=args.aws_fault_rate, timeout_delay=args.timeout_delay,
+                            read_timeout=max(1.0, args.timeout_delay + 0.8))
+    say = None if args.quiet else (lambda line: print(f"... {line}", file=sys.stderr, flush=True))
+    try:
+        report = run_campaign(config, progress=say)
+    except ValueError as exc:
+        print(f"campaign: {exc}", file=sys.stderr)
+        return 2
+    out.write(report.format() + "\n")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
