@@ -863,6 +863,10 @@ def _source_files(base: Path) -> dict[str, bytes]:
     }
 
 
+# What functions/Makefile leaves out of the Lambda artifact (never imported there).
+OPERATOR_ONLY = ("emulator/", "sandbox.py", "demo.py", "cli.py", "functionurl.py")
+
+
 @pytest.fixture(scope="module")
 def build() -> dict[str, Any]:
     built_template = BUILD_DIR / "template.yaml"
@@ -871,7 +875,12 @@ def build() -> dict[str, Any]:
     built = load_template(built_template)
     for function in FUNCTIONS:
         fn_dir = BUILD_DIR / built["Resources"][function]["Properties"]["CodeUri"]
-        if _source_files(fn_dir / "b24_cleanup") != _source_files(ROOT / "functions" / "b24_cleanup"):
+        lambda_sources = {
+            name: data
+            for name, data in _source_files(ROOT / "functions" / "b24_cleanup").items()
+            if not name.startswith(OPERATOR_ONLY)
+        }
+        if _source_files(fn_dir / "b24_cleanup") != lambda_sources:
             skip_or_fail(f".aws-sam/build is older than functions/ ({function}); re-run .ci/check-template")
     return built
 
@@ -987,3 +996,17 @@ def test_samconfig_makes_build_and_guided_deploy_enough() -> None:
     assert deploy["resolve_s3"] is True
     assert deploy["capabilities"] == "CAPABILITY_IAM"
     assert deploy["confirm_changeset"] is True
+
+
+def test_artifact_is_precompiled_for_the_runtime_and_lambda_only(build: dict[str, Any]) -> None:
+    """functions/Makefile ships unchecked-hash .pyc for 3.13 (no compile on a cold start) and no operator code."""
+    for function in FUNCTIONS:
+        fn_dir = BUILD_DIR / build["Resources"][function]["Properties"]["CodeUri"]
+        for module in ("b24_cleanup/handlers/worker.py", "aws_lambda_powertools/logging/logger.py", "requests/api.py"):
+            source = fn_dir / module
+            pyc = source.parent / "__pycache__" / f"{source.stem}.cpython-313.pyc"
+            assert pyc.is_file(), f"{function}: {module} is not precompiled for python3.13"
+            flags = int.from_bytes(pyc.read_bytes()[4:8], "little")
+            assert flags == 0b01, f"{function}: {module}'s .pyc is not unchecked-hash (flags {flags:#b})"
+        for name in OPERATOR_ONLY:
+            assert not (fn_dir / "b24_cleanup" / name.rstrip("/")).exists(), f"{function} ships {name}"
