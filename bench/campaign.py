@@ -30,7 +30,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import random
 import sys
 import threading
@@ -51,7 +50,7 @@ from b24_cleanup.functionurl import FakeContext, function_url_event
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.pacing import Backoff
 from b24_cleanup.record import PortalRecord
-from b24_cleanup.sandbox import Sandbox, collect_results, drain, sandbox
+from b24_cleanup.sandbox import Sandbox, collect_results, drain, patched_environ, sandbox
 from b24_cleanup.store import PortalStore
 
 APP = "https://app.example.com/b24"
@@ -73,8 +72,16 @@ OUTCOME_COUNTERS = {
     "incomplete": "PortalsIncomplete",
     "failed": "PortalsFailed",
 }
-RECORD_KEYS = ("member_id", "domain", "client_endpoint", "server_endpoint", "access_token", "refresh_token",
-               "expires", "application_token")
+RECORD_KEYS = (
+    "member_id",
+    "domain",
+    "client_endpoint",
+    "server_endpoint",
+    "access_token",
+    "refresh_token",
+    "expires",
+    "application_token",
+)
 DLQ = "dlq"
 MAX_RECEIVES = 5  # the sandbox queue's maxReceiveCount, as in template.yaml
 
@@ -213,8 +220,10 @@ class AwsFaults:
             self.attempts[operation] += 1
             if self._scripted.get(operation):
                 kind = self._scripted[operation].pop(0)
-            elif self.rate and (self.operations is None or operation in self.operations) and (
-                self.rng.random() < self.rate
+            elif (
+                self.rate
+                and (self.operations is None or operation in self.operations)
+                and (self.rng.random() < self.rate)
             ):
                 kind = self.rng.choice(self.kinds)
             else:
@@ -333,9 +342,10 @@ class CampaignReport:
             + ", ".join(f"{k} {n}" for k, n in sorted(self.rest_faults.items()))
             + f"; plus {self.scripted_faults} scripted on doomed portals); "
             f"{sum(self.aws_faults.values())} AWS of {self.aws_attempts} SSM/SQS attempts ("
-            + ", ".join(f"{k} {n}" for k, n in sorted(_by_kind(self.aws_faults).items())) + ")",
-            "AWS faults by call: " + (", ".join(f"{op} {n}" for op, n in sorted(_by_op(self.aws_faults).items()))
-                                      or "none"),
+            + ", ".join(f"{k} {n}" for k, n in sorted(_by_kind(self.aws_faults).items()))
+            + ")",
+            "AWS faults by call: "
+            + (", ".join(f"{op} {n}" for op, n in sorted(_by_op(self.aws_faults).items())) or "none"),
             f"OAuth requests: {self.oauth_requests} (refreshes, never faulted by the emulator's chaos)",
             "endpoint answers: " + ", ".join(f"{s}: {n}" for s, n in sorted(self.endpoint_statuses.items())),
             f"jobs: {self.jobs} ({', '.join(f'{a} {n}' for a, n in sorted(self.jobs_by_action.items()))}); "
@@ -507,20 +517,6 @@ def _captured(capture: _Capture) -> Iterator[None]:
             handler.stream = stream
 
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _invoke(capture: _Capture, handler: Callable[[dict[str, Any], Any], Any], event: dict[str, Any]) -> Any:
     """Call a Lambda handler as Lambda would, keeping what it prints."""
     buffer = io.StringIO()
@@ -561,7 +557,7 @@ def run_campaign(
     capture = _Capture()
     with (
         sandbox(prefix=config.prefix, declared=DECLARED, timeout_delay=config.timeout_delay) as box,
-        _environment(box.env(POWERTOOLS_METRICS_NAMESPACE="B24Cleanup", POWERTOOLS_SERVICE_NAME="b24-cleanup")),
+        patched_environ(box.env(POWERTOOLS_METRICS_NAMESPACE="B24Cleanup", POWERTOOLS_SERVICE_NAME="b24-cleanup")),
         _captured(capture),
         collect_results() as results,
     ):
@@ -582,8 +578,13 @@ def run_campaign(
             )
             worker._engine = Engine(worker_store, options=options)  # what worker.engine() hands out
             faults = AwsFaults(config.aws_fault_rate, seed=config.seed, kinds=config.aws_fault_kinds)
-            faults.attach(endpoint._store().client, endpoint._sqs(), scheduler._store().client, scheduler._sqs(),
-                          worker_store.client)
+            faults.attach(
+                endpoint._store().client,
+                endpoint._sqs(),
+                scheduler._store().client,
+                scheduler._sqs(),
+                worker_store.client,
+            )
             box.emulator.chaos(config.fault_rate, seed=config.seed)
 
             # Events reach the endpoint: genuine uninstalls, and forged ones.
@@ -597,8 +598,11 @@ def run_campaign(
                 _post_uninstall(capture, box, case, "0" * 32, report)
 
             # Night: the scheduler queues every stored portal; the worker drains the queue.
-            answer = _invoke(capture, scheduler.lambda_handler,
-                             {"scheduled_time": time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime())})
+            answer = _invoke(
+                capture,
+                scheduler.lambda_handler,
+                {"scheduled_time": time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime())},
+            )
             report.enqueued = int(answer.get("enqueued", 0))
             say(f"{report.enqueued} sweep jobs enqueued; draining")
 
@@ -634,11 +638,15 @@ def _seed(box: Sandbox, rng: random.Random, config: CampaignConfig, report: Camp
             rows += [{"event": "ONCRMDEALADD", "handler": f"https://u{n}.example.com/h"} for n in range(60)]
         if kind == "locked":
             rows.append({"event": "ONCRMLEADADD", "offline": True, "connector_id": "locked"})
-        if kind == "doomed" and not any("handler" in r and (r["event"], r["handler"]) not in _DECLARED_ONLINE
-                                        for r in rows):
+        if kind == "doomed" and not any(
+            "handler" in r and (r["event"], r["handler"]) not in _DECLARED_ONLINE for r in rows
+        ):
             rows.append({"event": "ONCRMLEADADD", "handler": OLD})
-        seeded = box.add_portal(f"p{i:04d}-{kind.replace('_', '-')}.bitrix24.test", handlers=rows,
-                                expired=kind in ("expired", "revoked_due"))
+        seeded = box.add_portal(
+            f"p{i:04d}-{kind.replace('_', '-')}.bitrix24.test",
+            handlers=rows,
+            expired=kind in ("expired", "revoked_due"),
+        )
         portal = seeded.portal
         if kind == "stale_access":
             portal.expire_tokens(box.app)  # the record says valid; the portal disagrees
@@ -663,14 +671,16 @@ def _post_uninstall(capture: _Capture, box: Sandbox, case: Case, token: str, rep
     from b24_cleanup.handlers import endpoint
 
     pairs = payloads.uninstall_form(box.emulator.state, case.portal, token, clean=True)
-    event = function_url_event("POST", "/", {"content-type": "application/x-www-form-urlencoded"},
-                               urlencode(pairs).encode())
+    event = function_url_event(
+        "POST", "/", {"content-type": "application/x-www-form-urlencoded"}, urlencode(pairs).encode()
+    )
     answer = _invoke(capture, endpoint.lambda_handler, event)
     report.endpoint_statuses[int(answer["statusCode"])] += 1
 
 
-def _verify(box: Sandbox, cases: list[Case], jobs: list[dict[str, Any]], capture: _Capture, sqs: Any,
-            report: CampaignReport) -> None:
+def _verify(
+    box: Sandbox, cases: list[Case], jobs: list[dict[str, Any]], capture: _Capture, sqs: Any, report: CampaignReport
+) -> None:
     broken = report.broken
     by_member = {c.member_id: c for c in cases}
 
@@ -715,11 +725,15 @@ def _verify(box: Sandbox, cases: list[Case], jobs: list[dict[str, Any]], capture
         for action, allowed in EXPECT[case.kind].items():
             outcome = final.get((case.member_id, action))
             if outcome is None:
-                broken.append(f"{case.kind} portal {case.member_id}: {action} job has no outcome and is not in "
-                              "the DLQ (silently dropped)")
+                broken.append(
+                    f"{case.kind} portal {case.member_id}: {action} job has no outcome and is not in "
+                    "the DLQ (silently dropped)"
+                )
             elif outcome != DLQ and outcome not in allowed:
-                broken.append(f"{case.kind} portal {case.member_id}: {action} ended {outcome}, expected "
-                              f"{'/'.join(sorted(allowed))}")
+                broken.append(
+                    f"{case.kind} portal {case.member_id}: {action} ended {outcome}, expected "
+                    f"{'/'.join(sorted(allowed))}"
+                )
             elif DLQ in allowed and outcome != DLQ:
                 broken.append(f"{case.kind} portal {case.member_id}: {action} ended {outcome}, expected the DLQ")
         unexpected = {a for (m, a) in final if m == case.member_id} - set(EXPECT[case.kind])
@@ -762,8 +776,10 @@ def _verify(box: Sandbox, cases: list[Case], jobs: list[dict[str, Any]], capture
             broken.append(f"{case.kind} portal {case.member_id}: record lacks {missing} (half-written)")
         if record.application_token != case.application_token:
             broken.append(f"{case.kind} portal {case.member_id}: application_token changed")
-        if case.kind in REVOKED_KINDS and final.get((case.member_id, "sweep")) == "revoked" and (
-            record.revoked_at is None
+        if (
+            case.kind in REVOKED_KINDS
+            and final.get((case.member_id, "sweep")) == "revoked"
+            and (record.revoked_at is None)
         ):
             broken.append(f"{case.kind} portal {case.member_id}: revoked but not marked revoked_at")
         if case.kind in LIVE_KINDS and record.revoked_at is not None:
@@ -823,8 +839,10 @@ def _verify(box: Sandbox, cases: list[Case], jobs: list[dict[str, Any]], capture
         try:
             oauth.refresh(box.emulator.oauth_url, record.refresh_token)
         except Exception as exc:  # any failure is the finding
-            broken.append(f"{case.kind} portal {case.member_id}: stored refresh token refused ({type(exc).__name__}:"
-                          f" {getattr(exc, 'code', '')})")
+            broken.append(
+                f"{case.kind} portal {case.member_id}: stored refresh token refused ({type(exc).__name__}:"
+                f" {getattr(exc, 'code', '')})"
+            )
         else:
             report.tokens_verified += 1
 
@@ -842,9 +860,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser.add_argument("--timeout-delay", type=float, default=0.2, help="seconds before an injected timeout drops")
     parser.add_argument("--quiet", action="store_true", help="print only the report")
     args = parser.parse_args(argv)
-    config = CampaignConfig(portals=args.portals, fault_rate=args.fault_rate, seed=args.seed,
-                            aws_fault_rate=args.aws_fault_rate, timeout_delay=args.timeout_delay,
-                            read_timeout=max(1.0, args.timeout_delay + 0.8))
+    config = CampaignConfig(
+        portals=args.portals,
+        fault_rate=args.fault_rate,
+        seed=args.seed,
+        aws_fault_rate=args.aws_fault_rate,
+        timeout_delay=args.timeout_delay,
+        read_timeout=max(1.0, args.timeout_delay + 0.8),
+    )
     say = None if args.quiet else (lambda line: print(f"... {line}", file=sys.stderr, flush=True))
     try:
         report = run_campaign(config, progress=say)

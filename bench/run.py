@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from b24_cleanup.sandbox import patched_environ
+
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("requests", "sweep", "pacing", "coldstart", "scheduler")
 TITLES = {
@@ -206,24 +208,6 @@ def machine() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-@contextlib.contextmanager
-def patched_env(**values: str | None) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def quiet_handler_logs() -> None:
@@ -477,7 +461,7 @@ def bench_sweep(sizes: Sizes, runs: int) -> None:
         ]
         seed_seconds = time.perf_counter() - seed_start
         results: list[SweepRun] = []
-        with patched_env(**box.env()):
+        with patched_environ(box.env()):
             for run in range(runs):
                 if run:
                     for s in portals:
@@ -1011,7 +995,10 @@ def bench_scheduler(sizes: Sizes, runs: int) -> None:
     rows: list[list[Any]] = []
     notes: list[str] = []
     max_results = None
-    with moto_server() as url, patched_env(**FAKE_AWS, AWS_ENDPOINT_URL=url, AWS_PROFILE=None, B24_SSM_PREFIX=prefix):
+    with (
+        moto_server() as url,
+        patched_environ({**FAKE_AWS, "AWS_ENDPOINT_URL": url, "AWS_PROFILE": None, "B24_SSM_PREFIX": prefix}),
+    ):
         admin = boto3.session.Session()  # not the default session: its calls are not counted
         ssm, sqs = admin.client("ssm"), admin.client("sqs")
         queue_url = sqs.create_queue(QueueName="b24-cleanup-jobs.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
@@ -1027,7 +1014,7 @@ def bench_scheduler(sizes: Sizes, runs: int) -> None:
         def purge() -> None:
             sqs.purge_queue(QueueUrl=queue_url)
 
-        with patched_env(B24_QUEUE_URL=queue_url):
+        with patched_environ({"B24_QUEUE_URL": queue_url}):
             try:
                 for n in sizes.scheduler_sizes:
                     seed_start = time.perf_counter()
