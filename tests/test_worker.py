@@ -157,3 +157,22 @@ def test_a_job_near_the_invocation_timeout_fails_cleanly_instead_of_starting(
         ("failed", "event.get: OUT_OF_TIME: the invocation is about to time out")
     ]
     assert box.emulator.requests_log(member_id=seeded.member_id) == []
+
+
+def test_a_declared_set_changed_between_invocations_applies_to_the_next_batch(
+    box: Sandbox, lambda_context: Any
+) -> None:
+    template = load_event("worker_sweep.json")["Records"][0]
+    seeded = box.add_portal("cfg.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD_URL}])
+    event = {"Records": [record({"action": "sweep", "member_id": seeded.member_id}, "m1", seeded.member_id, template)]}
+
+    box.put_declared('{"handlers": []}')  # broken: nothing may be unbound
+    with collect_results() as first:
+        worker.lambda_handler(event, lambda_context)
+    box.put_declared([{"event": "ONCRMLEADADD", "handler": APP_URL}])  # mended
+    with collect_results() as second:
+        worker.lambda_handler(event, lambda_context)
+
+    assert [j["outcome"] for j in first.jobs] == ["skipped"]
+    assert [j["outcome"] for j in second.jobs] == ["cleaned"]
+    assert seeded.portal.handlers(box.app) == []

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 DAY = 86400
 CREDENTIALS_TTL = 300.0  # re-read the app's credentials at most every five minutes
-# The declared set is read per sweep job but cached this long: at 10k portals it would otherwise
+# The declared set is checked by every sweep job, but read once per worker invocation (a batch of
+# up to 10 jobs; see `new_invocation`) and at most this long: at 10k portals a read per job would
 # double the SSM reads, which share ~40/s per account with every other reader.
 DECLARED_TTL = 60.0
 
@@ -94,8 +95,13 @@ class Engine:
                 self._credentials = (now, self.store.app_credentials())
             return self._credentials[1]
 
+    def new_invocation(self) -> None:
+        """A new worker invocation: the next sweep job reads the declared set afresh."""
+        with self._cache_lock:
+            self._declared = None
+
     def declared_set_text(self) -> str | None:
-        """The declared set's raw text, re-read at most every DECLARED_TTL seconds."""
+        """The declared set's raw text, read once per invocation and at most DECLARED_TTL old."""
         with self._cache_lock:
             now = time.monotonic()
             if self._declared is None or now - self._declared[0] > DECLARED_TTL:

@@ -98,6 +98,7 @@ def process(event: dict[str, Any], context: LambdaContext | None = None) -> dict
     totals = _Totals()
     failed: set[str] = set()
     if groups:
+        engine().new_invocation()  # a declared set fixed (or broken) since the last batch applies now
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_PORTALS, len(groups))) as pool:
             for ids in pool.map(lambda recs: _run_group(recs, totals, context), groups.values()):
                 failed.update(ids)
