@@ -196,7 +196,9 @@ def test_exactly_64_kib_is_accepted(mock_aws: AwsAccount, lambda_context: Any) -
 
 
 def _no_clients_created() -> bool:
-    return all(cached.cache_info().currsize == 0 for cached in (endpoint._store, endpoint._sqs))
+    from b24_cleanup.handlers import deps
+
+    return deps.created() == 0
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"])

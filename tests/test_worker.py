@@ -176,3 +176,25 @@ def test_a_declared_set_changed_between_invocations_applies_to_the_next_batch(
     assert [j["outcome"] for j in first.jobs] == ["skipped"]
     assert [j["outcome"] for j in second.jobs] == ["cleaned"]
     assert seeded.portal.handlers(box.app) == []
+
+
+def test_the_worker_follows_its_environment_between_invocations(
+    box: Sandbox, lambda_context: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Lambda the environment never changes; a process driving the handler with other settings
+    (a harness, the demo) must not get an engine built for the old ones."""
+    template = load_event("worker_sweep.json")["Records"][0]
+    seeded = box.add_portal("env.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD_URL}])
+    event = {"Records": [record({"action": "sweep", "member_id": seeded.member_id}, "m1", seeded.member_id, template)]}
+    worker.reset_engine()
+
+    monkeypatch.setenv("B24_DRY_RUN", "true")
+    with collect_results() as dry:
+        worker.lambda_handler(event, lambda_context)
+    monkeypatch.setenv("B24_DRY_RUN", "false")
+    with collect_results() as real:
+        worker.lambda_handler(event, lambda_context)
+
+    assert [(j["outcome"], j["dry_run"]) for j in dry.jobs] == [("cleaned", True)]
+    assert [(j["outcome"], j["dry_run"]) for j in real.jobs] == [("cleaned", False)]
+    assert seeded.portal.handlers(box.app) == []

@@ -75,16 +75,19 @@ class Engine:
         self._credentials: tuple[float, AppCredentials] | None = None
         self._cache_lock = threading.Lock()
         self._declared: tuple[float, str | None] | None = None
+        self.settings: Settings | None = None  # what `from_settings` built it from
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: object) -> Engine:
-        return cls(
+        engine = cls(
             settings.store(),
             oauth_url=settings.oauth_url,
             dry_run=settings.dry_run,
             grace_days=settings.revoked_grace_days,
             **kwargs,  # type: ignore[arg-type]
         )
+        engine.settings = settings
+        return engine
 
     # -- collaborators -----------------------------------------------------------------
     def credentials(self) -> AppCredentials:

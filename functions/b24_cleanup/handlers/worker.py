@@ -17,10 +17,10 @@ from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, proce
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from b24_cleanup.config import Settings
 from b24_cleanup.engine import Engine
 from b24_cleanup.jobs import Job, JobFailed, JobResult
 
+from . import deps
 from .observability import logger, metrics, publish
 
 MAX_PARALLEL_PORTALS = 10
@@ -33,11 +33,16 @@ _engine_lock = threading.Lock()
 
 
 def engine() -> Engine:
-    """One engine per warm container: its HTTP pool and per-portal pacing outlive an invocation."""
+    """One engine per warm container: its HTTP pool and per-portal pacing outlive an invocation.
+
+    Rebuilt when the settings it was built from no longer match the environment (never on
+    Lambda; a process driving the handler with other settings gets an engine that matches).
+    """
     global _engine
+    current = deps.settings()
     with _engine_lock:
-        if _engine is None:
-            _engine = Engine.from_settings(Settings.from_env())
+        if _engine is None or (_engine.settings is not None and _engine.settings != current):
+            _engine = Engine.from_settings(current)
         return _engine
 
 
