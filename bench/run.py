@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -120,17 +121,12 @@ FULL = Sizes(
     scheduler_sizes=(1000, 10000),
     zip_artifacts=True,
 )
-QUICK = Sizes(
-    orphans=(0, 10, 60, 300),
+QUICK = dataclasses.replace(
+    FULL,
     sweep_portals=20,
-    sweep_orphans=20,
-    sweep_declared_rows=5,
-    sweep_latency=0.05,
     baseline_portals=1,
-    pacing_orphans=300,
     pacing_real_rate=False,
     pacing_fast_rate=100.0,
-    pacing_burst=50,
     cold_runs=1,
     scheduler_sizes=(50, 200),
     zip_artifacts=False,

@@ -381,3 +381,15 @@ def test_dry_run_unbinds_nothing_and_writes_only_the_refresh(box: Sandbox) -> No
     assert after.refresh_token != seeded.installation.refresh_token
     assert revoked.outcome is Outcome.REVOKED
     assert box.record(gone.member_id).data == gone_before  # no revoked_at mark in a dry run
+
+
+def test_rate_limited_answers_are_backed_off_and_counted(box: Sandbox) -> None:
+    seeded = box.add_portal("busy.bitrix24.test", handlers=_orphans(2))
+    seeded.portal.fail_next(2, "QUERY_LIMIT_EXCEEDED", methods={"event.get"})
+
+    result = make_engine(box).run(sweep_job(seeded))
+
+    assert result.outcome is Outcome.CLEANED
+    assert result.rate_limited == 2
+    assert result.rest_calls == 4 == rest_calls(box, seeded.member_id)  # 2 refused event.get, event.get, batch
+    assert result.metrics()["RateLimited"] == 2

@@ -165,9 +165,8 @@ class PortalClient:
         if attempt >= self.backoff.attempts:
             raise error
         wait = self.backoff.delay(attempt)
-        reset_at = getattr(error, "operating_reset_at", None)
-        if error.code.upper() == "OPERATION_TIME_LIMIT" and reset_at:
-            wait = max(wait, float(reset_at) - self.clock())
+        if error.code.upper() == "OPERATION_TIME_LIMIT" and error.operating_reset_at:
+            wait = max(wait, error.operating_reset_at - self.clock())
             if wait > self.max_time_limit_wait:
                 raise error
         self.sleep(wait)
@@ -239,12 +238,13 @@ def _read(response: requests.Response, method: str) -> Any:
         error = make_error(str(body["error"]), str(body.get("error_description") or "")[:200],
                            status=response.status_code, method=method)
         timing = body.get("time") if isinstance(body.get("time"), dict) else {}
-        error.operating_reset_at = timing.get("operating_reset_at")  # type: ignore[attr-defined]
+        reset_at = timing.get("operating_reset_at")
+        if isinstance(reset_at, int | float) and not isinstance(reset_at, bool):
+            error.operating_reset_at = float(reset_at)
         return error
     if response.status_code >= 500:
         return TransientError("HTTP_ERROR", "server error", status=response.status_code, method=method)
     if not isinstance(body, dict) or "result" not in body or response.status_code >= 400:
-        kind = TransientError if response.status_code >= 500 else PermanentError
-        return kind("BAD_ANSWER", "the portal's answer is not a REST result", status=response.status_code,
-                    method=method)
+        return PermanentError("BAD_ANSWER", "the portal's answer is not a REST result", status=response.status_code,
+                              method=method)
     return body["result"]

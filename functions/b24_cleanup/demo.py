@@ -221,17 +221,17 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
         # -- the worker drains the uninstall jobs ------------------------------------------------
         queue = boto3.client("sqs")
         drain(queue, box.queue_url, lambda e, c: call(worker.lambda_handler, e), FakeContext())
+        by_member = {c.member_id: c for c in cases}
         for job in results.jobs:
-            case = next((c for c in cases if c.member_id == job["member_id"]), None)
-            if case is not None and job["action"] == "uninstall":
-                case.uninstall = job["outcome"]
+            if job["member_id"] in by_member and job["action"] == "uninstall":
+                by_member[job["member_id"]].uninstall = job["outcome"]
         results.jobs.clear()
 
         # -- night: the scheduler queues every stored portal, the worker sweeps -------------------
         call(scheduler.lambda_handler, {"scheduled_time": time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime())})
         drain(queue, box.queue_url, lambda e, c: call(worker.lambda_handler, e), FakeContext())
         for job in results.jobs:
-            case = next((c for c in cases if c.member_id == job["member_id"]), None)
+            case = by_member.get(job["member_id"])
             if case is not None and job["action"] == "sweep":
                 case.sweep = job["outcome"]
                 case.detail = (

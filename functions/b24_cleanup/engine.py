@@ -151,7 +151,7 @@ class Engine:
             result.outcome = Outcome.FAILED
             result.reason = str(exc)
             _log_result(result)
-            raise JobFailed(result, exc) from None
+            raise JobFailed(result) from None  # the reason says it; no chained traceback
         _log_result(result)
         return result
 

@@ -37,6 +37,7 @@ class B24Error(Exception):
         self.description = description
         self.status = status
         self.method = method
+        self.operating_reset_at: float | None = None  # OPERATION_TIME_LIMIT: when the method unblocks
         where = f"{method}: " if method else ""
         http = f" (HTTP {status})" if status else ""
         super().__init__(f"{where}{code}{http}{': ' + description if description else ''}")

@@ -160,7 +160,6 @@ class JobResult:
 class JobFailed(Exception):
     """A job ended `failed` (transient): the worker fails the SQS record so that it is retried."""
 
-    def __init__(self, result: JobResult, cause: BaseException | None = None) -> None:
+    def __init__(self, result: JobResult) -> None:
         self.result = result
         super().__init__(f"{result.action.value} job for {result.member_id} failed: {result.reason}")
-        self.__cause__ = cause

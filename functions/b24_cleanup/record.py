@@ -16,8 +16,6 @@ MEMBER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 # Refresh when the access token expires within this many seconds (SPEC §5 step 3).
 REFRESH_MARGIN_SECONDS = 300
 
-SECRET_KEYS = ("access_token", "refresh_token", "application_token", "client_secret")
-
 
 def valid_member_id(member_id: object) -> bool:
     """True when `member_id` can name a parameter under `{prefix}/portals/`."""
