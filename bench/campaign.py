@@ -20,7 +20,7 @@ At the end it checks SPEC §7 against the emulator's and moto's state:
 - no token, refresh token, client secret or application token appears in anything printed.
 It prints what happened and exits 1 when an invariant is broken.
 
-The test suite runs the same code on fewer portals (tests/test_reliability.py): one implementation.
+The test suite runs the same code on fewer portals (tests/resilience/test_reliability.py): one implementation.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ from urllib.parse import urlencode
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
 
-from b24_cleanup.emulator import CHAOS_FAULTS, Portal, payloads
 from b24_cleanup.engine import Engine, EngineOptions
-from b24_cleanup.functionurl import FakeContext, function_url_event
 from b24_cleanup.oauth import OAuthClient
+from b24_cleanup.ops.emulator import CHAOS_FAULTS, Portal, payloads
+from b24_cleanup.ops.functionurl import FakeContext, function_url_event
+from b24_cleanup.ops.sandbox import Sandbox, collect_results, drain, patched_environ, sandbox
 from b24_cleanup.pacing import Backoff
 from b24_cleanup.record import PortalRecord
-from b24_cleanup.sandbox import Sandbox, collect_results, drain, patched_environ, sandbox
 from b24_cleanup.store import PortalStore
 
 APP = "https://app.example.com/b24"

@@ -3,7 +3,7 @@
 Run from the repository root:
 
     .venv/bin/python -m bench.run            # the full run (several minutes)
-    .venv/bin/python -m bench.run --quick    # smoke sizes (seconds); what tests/test_bench_smoke.py runs
+    .venv/bin/python -m bench.run --quick    # smoke sizes (seconds); what tests/resilience/test_bench_smoke.py runs
     .venv/bin/python -m bench.run --only sweep --runs 5
 
 Everything runs on loopback: the project's Bitrix24 emulator, moto in-process (the sandbox) and,
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from b24_cleanup.sandbox import patched_environ
+from b24_cleanup.ops.sandbox import patched_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("requests", "sweep", "pacing", "coldstart", "scheduler")
@@ -238,7 +238,7 @@ def bench_requests(sizes: Sizes, runs: int) -> bool:
     """REST requests of one sweep job per portal, counted from the emulator log, against the bound."""
     from b24_cleanup.engine import Engine
     from b24_cleanup.jobs import Action, Job, Outcome
-    from b24_cleanup.sandbox import sandbox
+    from b24_cleanup.ops.sandbox import sandbox
 
     rows: list[list[Any]] = []
     all_on_bound = True
@@ -348,7 +348,7 @@ class SweepRun:
 
 
 def _sqs_batch(seeded: Sequence[Any], offset: int) -> dict[str, Any]:
-    from b24_cleanup.sandbox import sqs_event
+    from b24_cleanup.ops.sandbox import sqs_event
 
     messages = [
         {
@@ -445,7 +445,7 @@ def _run_naive(box: Any, seeded: Sequence[Any]) -> tuple[list[float], int, list[
 
 
 def bench_sweep(sizes: Sizes, runs: int) -> None:
-    from b24_cleanup.sandbox import sandbox
+    from b24_cleanup.ops.sandbox import sandbox
 
     n, k, latency = sizes.sweep_portals, sizes.sweep_orphans, sizes.sweep_latency
     handlers = KEPT_ROWS[: sizes.sweep_declared_rows] + orphan_rows(k)
@@ -579,8 +579,8 @@ def bench_sweep(sizes: Sizes, runs: int) -> None:
 def bench_pacing(sizes: Sizes, runs: int) -> None:
     from b24_cleanup.engine import Engine, EngineOptions
     from b24_cleanup.jobs import Action, Job
+    from b24_cleanup.ops.sandbox import sandbox
     from b24_cleanup.pacing import HEADROOM
-    from b24_cleanup.sandbox import sandbox
 
     k, burst = sizes.pacing_orphans, sizes.pacing_burst
     configs: list[tuple[float, int, str]] = []
@@ -790,11 +790,7 @@ def _artifact_sizes(build: Path, zipped: bool) -> list[str]:
         files = [p for p in function_dir.rglob("*") if p.is_file()]
         size = sum(p.stat().st_size for p in files)
         ours = sum(p.stat().st_size for p in files if "b24_cleanup" in p.parts)
-        not_lambda = sum(
-            p.stat().st_size
-            for p in files
-            if "b24_cleanup" in p.parts and ("emulator" in p.parts or p.name in ("sandbox.py", "demo.py", "cli.py"))
-        )
+        not_lambda = sum(p.stat().st_size for p in files if "b24_cleanup" in p.parts and "ops" in p.parts)
         text = (
             f"{function_dir.name}: {len(files)} files, {size / 2**20:.1f} MiB unpacked, b24_cleanup "
             f"{ours / 1024:.0f} KiB of which {not_lambda / 1024:.0f} KiB never run on Lambda (emulator, sandbox, "
@@ -999,8 +995,8 @@ def _invoke_scheduler(scheduled_time: str, *, cold: bool, purge: Callable[[], No
     """
     import boto3
 
-    from b24_cleanup.functionurl import FakeContext
     from b24_cleanup.handlers import scheduler
+    from b24_cleanup.ops.functionurl import FakeContext
 
     if cold:
         scheduler.reset_clients()

@@ -413,7 +413,7 @@ def emulator_secrets() -> set[str]:
 
 
 def _register_emulators() -> None:
-    from b24_cleanup.emulator import state as emulator_state
+    from b24_cleanup.ops.emulator import state as emulator_state
 
     original = emulator_state.State.__init__
     if getattr(original, "_leak_guard", False):

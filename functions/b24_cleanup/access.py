@@ -81,8 +81,9 @@ class TokenAccess:
     @staticmethod
     def _access(keeper: TokenKeeper) -> PortalAccess:
         record = keeper.record
-        return PortalAccess(record.member_id or keeper.member_id, record.client_endpoint, record.access_token,
-                            record.expires)
+        return PortalAccess(
+            record.member_id or keeper.member_id, record.client_endpoint, record.access_token, record.expires
+        )
 
     def get(self, member_id: str) -> PortalAccess:
         """A valid access token and the portal's endpoint; refreshed first when due."""

@@ -100,14 +100,16 @@ class PortalClient:
         except ExpiredTokenError as exc:
             if self.tokens.fresh:
                 # Refused right after a refresh: the app is gone (SPEC §5 step 3).
-                raise RevokedError(exc.code, "refused again after a token refresh", status=exc.status,
-                                   method=method) from None
+                raise RevokedError(
+                    exc.code, "refused again after a token refresh", status=exc.status, method=method
+                ) from None
             self.tokens.refresh(stale_token=token)
         try:
             return self._post(method, params, self.tokens.record.access_token)
         except ExpiredTokenError as exc:
-            raise RevokedError(exc.code, "refused again after a token refresh", status=exc.status,
-                               method=method) from None
+            raise RevokedError(
+                exc.code, "refused again after a token refresh", status=exc.status, method=method
+            ) from None
 
     def _post(self, method: str, params: dict[str, Any], token: str) -> Any:
         attempt = 0
@@ -149,8 +151,12 @@ class PortalClient:
         location = response.headers.get("Location", "")
         target = urljoin(url, location)
         if redirects > MAX_REDIRECTS or urlsplit(target).scheme not in {"http", "https"}:
-            raise PermanentError("BAD_REDIRECT", "the portal redirected too often or off the web",
-                                 status=response.status_code, method=method)
+            raise PermanentError(
+                "BAD_REDIRECT",
+                "the portal redirected too often or off the web",
+                status=response.status_code,
+                method=method,
+            )
         cut = target.rfind("/rest/")
         if cut != -1:
             self.tokens.follow_rename(target[: cut + len("/rest/")])
@@ -194,8 +200,8 @@ class PortalClient:
         answer = self.call("batch", {"halt": 0, "cmd": cmd})
         answer = answer if isinstance(answer, dict) else {}
         # Empty sections arrive as [] (a PHP empty array), not {}.
-        done = answer.get("result") if isinstance(answer.get("result"), dict) else {}
-        failed = answer.get("result_error") if isinstance(answer.get("result_error"), dict) else {}
+        done = _section(answer, "result")
+        failed = _section(answer, "result_error")
         out: dict[str, CommandResult] = {}
         for c in chunk:
             if c.key in done:
@@ -203,12 +209,16 @@ class PortalClient:
             elif c.key in failed:
                 err = failed[c.key] if isinstance(failed[c.key], dict) else {}
                 out[c.key] = CommandResult(
-                    error=make_error(str(err.get("error") or "UNKNOWN"), str(err.get("error_description") or "")[:200],
-                                     method=c.method)
+                    error=make_error(
+                        str(err.get("error") or "UNKNOWN"),
+                        str(err.get("error_description") or "")[:200],
+                        method=c.method,
+                    )
                 )
             else:
-                out[c.key] = CommandResult(error=TransientError(MISSING_FROM_BATCH, "absent from the batch answer",
-                                                                method=c.method))
+                out[c.key] = CommandResult(
+                    error=TransientError(MISSING_FROM_BATCH, "absent from the batch answer", method=c.method)
+                )
         return out
 
     def _singles(self, chunk: Sequence[Command]) -> dict[str, CommandResult]:
@@ -228,6 +238,11 @@ class PortalClient:
         return out
 
 
+def _section(answer: dict[str, Any], name: str) -> dict[str, Any]:
+    section = answer.get(name)
+    return section if isinstance(section, dict) else {}
+
+
 def _read(response: requests.Response, method: str) -> Any:
     """The `result` of a successful answer, or the classified error (returned, not raised)."""
     try:
@@ -235,16 +250,20 @@ def _read(response: requests.Response, method: str) -> Any:
     except ValueError:
         body = None
     if isinstance(body, dict) and body.get("error"):
-        error = make_error(str(body["error"]), str(body.get("error_description") or "")[:200],
-                           status=response.status_code, method=method)
-        timing = body.get("time") if isinstance(body.get("time"), dict) else {}
-        reset_at = timing.get("operating_reset_at")
+        error = make_error(
+            str(body["error"]),
+            str(body.get("error_description") or "")[:200],
+            status=response.status_code,
+            method=method,
+        )
+        reset_at = _section(body, "time").get("operating_reset_at")
         if isinstance(reset_at, int | float) and not isinstance(reset_at, bool):
             error.operating_reset_at = float(reset_at)
         return error
     if response.status_code >= 500:
         return TransientError("HTTP_ERROR", "server error", status=response.status_code, method=method)
     if not isinstance(body, dict) or "result" not in body or response.status_code >= 400:
-        return PermanentError("BAD_ANSWER", "the portal's answer is not a REST result", status=response.status_code,
-                              method=method)
+        return PermanentError(
+            "BAD_ANSWER", "the portal's answer is not a REST result", status=response.status_code, method=method
+        )
     return body["result"]

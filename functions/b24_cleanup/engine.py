@@ -210,8 +210,13 @@ class Engine:
         result.missing_handlers = [entry.as_dict() for entry in plan.missing]
         for item in bad:
             result.unbind_failed += 1
-            result.failures.append({"event": item.get("event") if isinstance(item, dict) else None,
-                                    "error": "UNREADABLE_ROW", "kind": "permanent"})
+            result.failures.append(
+                {
+                    "event": item.get("event") if isinstance(item, dict) else None,
+                    "error": "UNREADABLE_ROW",
+                    "kind": "permanent",
+                }
+            )
 
         commands = unbind_commands(plan.orphans)
         if self.dry_run:
@@ -320,8 +325,9 @@ def _log_result(result: JobResult) -> None:
     if result.outcome is Outcome.REVOKED:
         log.warning("portal %s revoked; evidence: %s", result.member_id, result.reason, extra={"job": summary})
     else:
-        log.info("%s job for %s: %s", result.action.value, result.member_id, result.outcome.value,
-                 extra={"job": summary})
+        log.info(
+            "%s job for %s: %s", result.action.value, result.member_id, result.outcome.value, extra={"job": summary}
+        )
 
 
 def _pooled_session() -> requests.Session:

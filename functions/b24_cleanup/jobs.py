@@ -73,11 +73,11 @@ class Job:
         if not isinstance(body, dict):
             raise InvalidJob("job body is not a JSON object")
         try:
-            action = Action(body.get("action"))
+            action = Action(str(body.get("action")))
         except ValueError:
             raise InvalidJob("job action is not 'uninstall' or 'sweep'") from None
         member_id = body.get("member_id")
-        if not valid_member_id(member_id):
+        if not isinstance(member_id, str) or not valid_member_id(member_id):
             raise InvalidJob("job member_id is missing or malformed")
         if action is Action.SWEEP:
             return cls(action, member_id)

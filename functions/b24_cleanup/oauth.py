@@ -109,8 +109,9 @@ class OAuthClient:
             body = None
         if not isinstance(body, dict):
             kind = TransientError if response.status_code >= 500 or response.status_code == 200 else PermanentError
-            raise kind("OAUTH_BAD_ANSWER", "the OAuth server did not answer JSON", status=response.status_code,
-                       method="oauth")
+            raise kind(
+                "OAUTH_BAD_ANSWER", "the OAuth server did not answer JSON", status=response.status_code, method="oauth"
+            )
         # Some OAuth errors come with HTTP 200 (`wrong_client`, reference §7).
         if body.get("error"):
             code = str(body["error"])

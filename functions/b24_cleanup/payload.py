@@ -160,6 +160,7 @@ def _insert(root: dict[str, Any], path: list[str], value: str) -> None:
             raise PayloadError("a form key appears both as a value and as a container")
         elif isinstance(existing, list) != want_list:
             raise PayloadError("form keys mix [] with named keys")
+        assert isinstance(existing, dict | list)
         node = existing
 
 

@@ -129,4 +129,3 @@ def _server_endpoint(token_url: str) -> str:
     """The trusted OAuth server's REST base, the form SPEC §3 stores (`https://host/rest/`)."""
     parts = urlsplit(token_url)
     return urlunsplit((parts.scheme, parts.netloc, "/rest/", "", ""))
-

@@ -111,9 +111,10 @@ class TokenKeeper:
             try:
                 answer = self._call_oauth(used)
             except InvalidGrantError as refused:
-                answer = self._after_refused(used, refused)
-                if answer is None:  # another writer's pair was adopted
+                adopted_or_answer = self._after_refused(used, refused)
+                if adopted_or_answer is None:  # another writer's pair was adopted
                     return
+                answer = adopted_or_answer
             apply_refresh(self.record.data, answer)
             _pending[self.member_id] = self.record.copy()
             self._store_rotated()

@@ -32,6 +32,7 @@ from .observability import logger, publish
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
     from mypy_boto3_sqs import SQSClient
+    from mypy_boto3_sqs.type_defs import SendMessageBatchRequestEntryTypeDef
 
 ACTION = "scheduler"
 BATCH_SIZE = 10  # SendMessageBatch's maximum
@@ -82,7 +83,7 @@ def sweep_dedup_id(member_id: str, scheduled_time: str) -> str:
     return hashlib.sha256(f"sweep:{member_id}:{scheduled_time}".encode()).hexdigest()
 
 
-def _entry(index: int, member_id: str, scheduled_time: str) -> dict[str, str]:
+def _entry(index: int, member_id: str, scheduled_time: str) -> SendMessageBatchRequestEntryTypeDef:
     return {
         "Id": str(index),
         "MessageBody": json.dumps(Job(Action.SWEEP, member_id).to_message(), separators=(",", ":")),
@@ -94,7 +95,7 @@ def _entry(index: int, member_id: str, scheduled_time: str) -> dict[str, str]:
 def _send_batch(
     sqs: SQSClient,
     queue_url: str,
-    entries: list[dict[str, str]],
+    entries: list[SendMessageBatchRequestEntryTypeDef],
     *,
     max_attempts: int,
     sleep: Callable[[float], None],
@@ -135,7 +136,7 @@ def enqueue_sweeps(
     number of portals. "Accepted" includes jobs SQS deduplicated against an earlier attempt.
     """
     sent = 0
-    buffer: list[dict[str, str]] = []
+    buffer: list[SendMessageBatchRequestEntryTypeDef] = []
     try:
         for member_id in member_ids:
             buffer.append(_entry(len(buffer), member_id, scheduled_time))

@@ -84,7 +84,7 @@ def _run_group(records: list[dict[str, Any]], totals: _Totals, context: LambdaCo
     response = process_partial_response(
         event={"Records": records}, record_handler=record_handler, processor=processor, context=context
     )
-    return [item["itemIdentifier"] for item in response.get("batchItemFailures", [])]
+    return [str(item["itemIdentifier"]) for item in response.get("batchItemFailures", [])]
 
 
 def _deadline(context: LambdaContext | None) -> float | None:

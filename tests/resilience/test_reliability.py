@@ -9,8 +9,8 @@
    SSM), and the app's backend refreshing while a job runs (one-field edits never revert its pair).
 4. Hostile input at the endpoint: > 5,000 hypothesis cases, never a 5xx, never a side effect or an
    outbound request without the genuine token; tokens compared with hmac.compare_digest everywhere.
-5. (tests/test_leaks.py and the session guard in conftest.py.)
-6. Template checks that tests/test_template.py does not make yet.
+5. (tests/resilience/test_leaks.py and the session guard in conftest.py.)
+6. Template checks that tests/functional/test_template.py does not make yet.
 """
 
 from __future__ import annotations
@@ -41,20 +41,20 @@ from hypothesis import strategies as st
 from b24_cleanup import tokens
 from b24_cleanup.access import TokenAccess
 from b24_cleanup.client import PortalClient
-from b24_cleanup.emulator import Emulator, payloads
 from b24_cleanup.engine import Engine, EngineOptions
 from b24_cleanup.errors import TransientError
-from b24_cleanup.functionurl import FakeContext, function_url_event
 from b24_cleanup.handlers import endpoint, scheduler, worker
 from b24_cleanup.jobs import Action, Job, JobFailed, JobResult, Outcome
 from b24_cleanup.oauth import OAuthClient
+from b24_cleanup.ops.emulator import Emulator, payloads
+from b24_cleanup.ops.functionurl import FakeContext, function_url_event
+from b24_cleanup.ops.sandbox import Sandbox, drain, sandbox
 from b24_cleanup.pacing import Backoff
 from b24_cleanup.payload import MAX_BODY_BYTES, MAX_DEPTH, parse_event_body
 from b24_cleanup.registration import register
-from b24_cleanup.sandbox import Sandbox, drain, sandbox
 from b24_cleanup.store import PortalStore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ lives beside functions/, not inside the package
     sys.path.insert(0, str(ROOT))
 
@@ -115,8 +115,10 @@ def chain_works(box: Sandbox, member_id: str) -> bool:
 
 
 def rows(box: Sandbox, seeded: Any) -> set[tuple[str, str]]:
-    return {(r["event"], r.get("handler") or f"offline:{r.get('connector_id', '')}")
-            for r in seeded.portal.handlers(box.app)}
+    return {
+        (r["event"], r.get("handler") or f"offline:{r.get('connector_id', '')}")
+        for r in seeded.portal.handlers(box.app)
+    }
 
 
 def version(box: Sandbox, member_id: str) -> int:
@@ -206,8 +208,9 @@ def queued(box: Sandbox, queue_url: str | None = None) -> list[dict[str, Any]]:
     sqs = boto3.client("sqs")
     out: list[dict[str, Any]] = []
     for _ in range(1000):
-        got = sqs.receive_message(QueueUrl=queue_url or box.queue_url, MaxNumberOfMessages=10, VisibilityTimeout=600,
-                                  AttributeNames=["All"])
+        got = sqs.receive_message(
+            QueueUrl=queue_url or box.queue_url, MaxNumberOfMessages=10, VisibilityTimeout=600, AttributeNames=["All"]
+        )
         if not got.get("Messages"):
             return out
         out.extend(got["Messages"])
@@ -216,8 +219,9 @@ def queued(box: Sandbox, queue_url: str | None = None) -> list[dict[str, Any]]:
 
 def post_uninstall(box: Sandbox, seeded: Any, token: str) -> dict[str, Any]:
     pairs = payloads.uninstall_form(box.emulator.state, seeded.portal, token, clean=True, ts=1795172400)
-    event = function_url_event("POST", "/", {"content-type": "application/x-www-form-urlencoded"},
-                               urlencode(pairs).encode())
+    event = function_url_event(
+        "POST", "/", {"content-type": "application/x-www-form-urlencoded"}, urlencode(pairs).encode()
+    )
     return endpoint.lambda_handler(event, FakeContext())
 
 
@@ -260,8 +264,12 @@ def test_ssm_failing_beyond_retries_fails_the_job_until_the_dlq(handler_env: San
     faults = AwsFaults(1.0, kinds=("5xx",), operations={"ssm.GetParameter"}).attach(store.client)
     worker._engine = Engine(store, options=FAST)
     sqs = boto3.client("sqs")
-    sqs.send_message(QueueUrl=box.queue_url, MessageBody=json.dumps(sweep(seeded.member_id).to_message()),
-                     MessageGroupId=seeded.member_id, MessageDeduplicationId="down-1")
+    sqs.send_message(
+        QueueUrl=box.queue_url,
+        MessageBody=json.dumps(sweep(seeded.member_id).to_message()),
+        MessageGroupId=seeded.member_id,
+        MessageDeduplicationId="down-1",
+    )
     results: list[Any] = []
 
     def deliver(event: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -343,8 +351,9 @@ def test_the_retry_after_a_lost_write_keeps_the_chain(box: Sandbox, monkeypatch:
 def test_a_registration_whose_write_fails_once_keeps_the_chain(box: Sandbox) -> None:
     portal = box.emulator.add_portal("joined.bitrix24.test")
     inst = box.emulator.install(portal, box.app)
-    body = parse_event_body(urlencode(payloads.install_form(box.emulator.state, inst)).encode(),
-                            "application/x-www-form-urlencoded")
+    body = parse_event_body(
+        urlencode(payloads.install_form(box.emulator.state, inst)).encode(), "application/x-www-form-urlencoded"
+    )
     store = PortalStore(box.prefix, client=boto3.client("ssm", config=NO_RETRIES))
     AwsFaults().attach(store.client).fail_next("ssm.PutParameter", "5xx")
 
@@ -488,8 +497,9 @@ def test_the_revoked_mark_never_overwrites_a_newer_install(box: Sandbox, monkeyp
     def revoked(self: Engine, *args: Any) -> None:
         # The portal installs the app again and the install is registered, right before the mark.
         inst = box.emulator.install(seeded.portal, box.app)
-        body = parse_event_body(urlencode(payloads.install_form(box.emulator.state, inst)).encode(),
-                                "application/x-www-form-urlencoded")
+        body = parse_event_body(
+            urlencode(payloads.install_form(box.emulator.state, inst)).encode(), "application/x-www-form-urlencoded"
+        )
         register(body, box.store, oauth_url=box.emulator.oauth_url)
         newer.append(inst.application_token)
         original(self, *args)
@@ -511,8 +521,9 @@ def test_a_stale_uninstall_racing_a_reinstall_keeps_the_new_record(box: Sandbox)
     old_token = seeded.installation.application_token
     box.emulator.uninstall(seeded.portal, box.app)
     inst = box.emulator.install(seeded.portal, box.app)
-    body = parse_event_body(urlencode(payloads.install_form(box.emulator.state, inst)).encode(),
-                            "application/x-www-form-urlencoded")
+    body = parse_event_body(
+        urlencode(payloads.install_form(box.emulator.state, inst)).encode(), "application/x-www-form-urlencoded"
+    )
     original = box.store.delete_if_token
 
     def delete_if_token(member_id: str, application_token: str) -> bool:
@@ -592,8 +603,9 @@ def _genuine_pairs() -> list[tuple[str, str]]:
 GENUINE_PAIRS = _genuine_pairs()
 
 
-def _event(body: Any, *, b64: Any = False, content_type: Any = FORM, method: Any = "POST",
-           headers: Any = None) -> dict[str, Any]:
+def _event(
+    body: Any, *, b64: Any = False, content_type: Any = FORM, method: Any = "POST", headers: Any = None
+) -> dict[str, Any]:
     event = load_event("uninstall_form.json")
     event["requestContext"]["http"]["method"] = method
     if headers is not None:
@@ -649,27 +661,79 @@ def check_endpoint(event: dict[str, Any], log: AwsLog, outbound: Outbound, *, in
 FUZZ = settings(
     deadline=None,
     database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.filter_too_much, HealthCheck.large_base_example],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.large_base_example,
+    ],
 )
 
 # Hypothesis favours the first element of sampled_from (its shrink target), and small integers: so
 # the common case goes first and rare branches are drawn as `True` from this one.
 _rarely = st.sampled_from([False, False, False, True])
 
-_names = st.sampled_from([
-    "event", "ts", "auth[member_id]", "auth[application_token]", "auth[domain]", "data[CLEAN]", "auth",
-    "auth[]", "auth[member_id][]", "auth[member_id][x]", "auth[application_token][0]", "event[]", "event[x]",
-    "auth[[member_id]]", "auth[member_id", "auth]member_id[", "AUTH[member_id]", "auth[MEMBER_ID]",
-    "auth[ member_id]", "auth[member_id] ", "auth%5Bmember_id%5D", "auth[member_id]\x00", "data", "data[]",
-    "auth[application_token]\u200b", "\u0430uth[member_id]",  # a Cyrillic a
-]) | st.text(max_size=12)
-_values = st.sampled_from([
-    "ONAPPUNINSTALL", "onappuninstall", " ONAPPUNINSTALL ", "ONAPPINSTALL", "ONAPPUPDATE", "ONCRMLEADADD",
-    MEMBER_ID, MEMBER_ID.upper(), MEMBER_ID + "\n", "../app/credentials", "..", "", "1", "0",
-    APPLICATION_TOKEN, APPLICATION_TOKEN.upper(), APPLICATION_TOKEN + " ", APPLICATION_TOKEN[:-1], WRONG_TOKEN,
-    "\x00", "é" * 3, "\U0001f642", "%00", "%ZZ", "a&b=c", "x" * 300,
-]) | st.text(max_size=40)
+_names = st.sampled_from(
+    [
+        "event",
+        "ts",
+        "auth[member_id]",
+        "auth[application_token]",
+        "auth[domain]",
+        "data[CLEAN]",
+        "auth",
+        "auth[]",
+        "auth[member_id][]",
+        "auth[member_id][x]",
+        "auth[application_token][0]",
+        "event[]",
+        "event[x]",
+        "auth[[member_id]]",
+        "auth[member_id",
+        "auth]member_id[",
+        "AUTH[member_id]",
+        "auth[MEMBER_ID]",
+        "auth[ member_id]",
+        "auth[member_id] ",
+        "auth%5Bmember_id%5D",
+        "auth[member_id]\x00",
+        "data",
+        "data[]",
+        "auth[application_token]\u200b",
+        "\u0430uth[member_id]",  # a Cyrillic a
+    ]
+) | st.text(max_size=12)
+_values = st.sampled_from(
+    [
+        "ONAPPUNINSTALL",
+        "onappuninstall",
+        " ONAPPUNINSTALL ",
+        "ONAPPINSTALL",
+        "ONAPPUPDATE",
+        "ONCRMLEADADD",
+        MEMBER_ID,
+        MEMBER_ID.upper(),
+        MEMBER_ID + "\n",
+        "../app/credentials",
+        "..",
+        "",
+        "1",
+        "0",
+        APPLICATION_TOKEN,
+        APPLICATION_TOKEN.upper(),
+        APPLICATION_TOKEN + " ",
+        APPLICATION_TOKEN[:-1],
+        WRONG_TOKEN,
+        "\x00",
+        "é" * 3,
+        "\U0001f642",
+        "%00",
+        "%ZZ",
+        "a&b=c",
+        "x" * 300,
+    ]
+) | st.text(max_size=40)
 
 
 @st.composite
@@ -705,11 +769,23 @@ def form_bodies(draw: st.DrawFn) -> tuple[str, bool]:
     return (base64.b64encode(text.encode("utf-8", "surrogatepass")).decode() if b64 else text), b64
 
 
-_odd_content_types = st.sampled_from([
-    FORM, FORM, FORM + "; charset=UTF-8", "APPLICATION/X-WWW-FORM-URLENCODED", " application/x-www-form-urlencoded ",
-    "application/json", "application/vnd.api+json", "text/plain", "multipart/form-data; boundary=x", "",
-    FORM + ";", "application/x-www-form-urlencoded, application/json", None,
-]) | st.text(max_size=30)
+_odd_content_types = st.sampled_from(
+    [
+        FORM,
+        FORM,
+        FORM + "; charset=UTF-8",
+        "APPLICATION/X-WWW-FORM-URLENCODED",
+        " application/x-www-form-urlencoded ",
+        "application/json",
+        "application/vnd.api+json",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+        "",
+        FORM + ";",
+        "application/x-www-form-urlencoded, application/json",
+        None,
+    ]
+) | st.text(max_size=30)
 _content_types = st.one_of(st.just(FORM), st.just(FORM), st.just(FORM + "; charset=utf-8"), _odd_content_types)
 
 
@@ -726,12 +802,15 @@ _json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=
 
 @st.composite
 def json_bodies(draw: st.DrawFn) -> str:
-    auth = draw(st.dictionaries(
-        st.sampled_from(["member_id", "application_token", "domain", "MEMBER_ID", ""]) | st.text(max_size=8),
-        _json_scalars | st.lists(_json_scalars, max_size=3) | st.dictionaries(st.text(max_size=5), _json_scalars,
-                                                                                max_size=3),
-        max_size=5,
-    ))
+    auth = draw(
+        st.dictionaries(
+            st.sampled_from(["member_id", "application_token", "domain", "MEMBER_ID", ""]) | st.text(max_size=8),
+            _json_scalars
+            | st.lists(_json_scalars, max_size=3)
+            | st.dictionaries(st.text(max_size=5), _json_scalars, max_size=3),
+            max_size=5,
+        )
+    )
     if not draw(_rarely):
         auth["member_id"] = MEMBER_ID
         auth["application_token"] = draw(st.sampled_from([APPLICATION_TOKEN, WRONG_TOKEN, APPLICATION_TOKEN[:-1]]))
@@ -760,9 +839,13 @@ def json_bodies(draw: st.DrawFn) -> str:
 
 
 @settings(FUZZ, max_examples=1000)
-@given(body=json_bodies(), b64=st.booleans(),
-       content_type=st.sampled_from(["application/json"] * 3 + ["application/json; charset=utf-8", None, FORM,
-                                                                 "application/problem+json"]))
+@given(
+    body=json_bodies(),
+    b64=st.booleans(),
+    content_type=st.sampled_from(
+        ["application/json"] * 3 + ["application/json; charset=utf-8", None, FORM, "application/problem+json"]
+    ),
+)
 def test_fuzz_json_bodies(watched_endpoint: tuple[AwsLog, Outbound], body: str, b64: bool, content_type: Any) -> None:
     log, outbound = watched_endpoint
     text = base64.b64encode(body.encode("utf-8", "surrogatepass")).decode() if b64 else body
@@ -772,13 +855,36 @@ def test_fuzz_json_bodies(watched_endpoint: tuple[AwsLog, Outbound], body: str, 
 @st.composite
 def encodings(draw: st.DrawFn) -> tuple[Any, Any]:
     """The genuine body (or a near miss) wrapped in every encoding mistake: flags, alphabets, charsets."""
-    raw = urlencode(GENUINE_PAIRS if draw(st.booleans()) else
-                    [(k, WRONG_TOKEN if k == "auth[application_token]" else v) for k, v in GENUINE_PAIRS])
-    kind = draw(st.sampled_from([
-        "b64", "plain", "b64_flag_off", "plain_flag_on", "urlsafe", "whitespace", "no_padding", "extra_padding",
-        "bad_char", "truncated_b64", "latin1", "utf16", "bom", "surrogate", "bytes", "flag_string", "flag_int",
-        "double_b64", "percent_bytes",
-    ]))
+    raw = urlencode(
+        GENUINE_PAIRS
+        if draw(st.booleans())
+        else [(k, WRONG_TOKEN if k == "auth[application_token]" else v) for k, v in GENUINE_PAIRS]
+    )
+    kind = draw(
+        st.sampled_from(
+            [
+                "b64",
+                "plain",
+                "b64_flag_off",
+                "plain_flag_on",
+                "urlsafe",
+                "whitespace",
+                "no_padding",
+                "extra_padding",
+                "bad_char",
+                "truncated_b64",
+                "latin1",
+                "utf16",
+                "bom",
+                "surrogate",
+                "bytes",
+                "flag_string",
+                "flag_int",
+                "double_b64",
+                "percent_bytes",
+            ]
+        )
+    )
     data = raw.encode()
     if kind == "b64":
         return base64.b64encode(data).decode(), True
@@ -801,7 +907,7 @@ def encodings(draw: st.DrawFn) -> tuple[Any, Any]:
     if kind == "bad_char":
         text = base64.b64encode(data).decode()
         i = draw(st.integers(0, len(text) - 1))
-        return text[:i] + draw(st.sampled_from(["*", "-", "_", "é", "\x00", "%"])) + text[i + 1:], True
+        return text[:i] + draw(st.sampled_from(["*", "-", "_", "é", "\x00", "%"])) + text[i + 1 :], True
     if kind == "truncated_b64":
         text = base64.b64encode(data).decode()
         return text[: draw(st.integers(0, len(text)))], True
@@ -833,7 +939,8 @@ def test_fuzz_encodings(watched_endpoint: tuple[AwsLog, Outbound], body: tuple[A
 
 
 _header_values = st.sampled_from([FORM, "application/json", "", None, 1, ["x"], {"a": 1}, "\x00", "é"]) | st.text(
-    max_size=20)
+    max_size=20
+)
 
 
 @st.composite
@@ -841,11 +948,14 @@ def event_shapes(draw: st.DrawFn) -> Any:
     """Events that are not quite Function URL events: odd headers, methods, contexts and body types."""
     body = urlencode(GENUINE_PAIRS if draw(st.booleans()) else GENUINE_PAIRS[:-1])
     event: Any = _event(body, b64=False)
-    headers_kind = draw(st.sampled_from(["form", "form", "dict", "none", "list", "str", "mixed_case", "two_types",
-                                         "huge"]))
+    headers_kind = draw(
+        st.sampled_from(["form", "form", "dict", "none", "list", "str", "mixed_case", "two_types", "huge"])
+    )
     if headers_kind == "form":
-        event["headers"] = {"content-type": FORM, **draw(st.dictionaries(st.text(max_size=10), st.text(max_size=10),
-                                                                          max_size=3))}
+        event["headers"] = {
+            "content-type": FORM,
+            **draw(st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3)),
+        }
     elif headers_kind == "none":
         event["headers"] = None
     elif headers_kind == "list":
@@ -859,10 +969,12 @@ def event_shapes(draw: st.DrawFn) -> Any:
     elif headers_kind == "huge":
         event["headers"] = {f"x-{i}": "v" * 100 for i in range(200)} | {"content-type": FORM}
     else:
-        event["headers"] = draw(st.dictionaries(st.text(max_size=15) | st.just("content-type"), _header_values,
-                                                max_size=6))
-    method = draw(st.sampled_from(["POST"] * 4 + ["post", "Post", " POST", "GET", "HEAD", "OPTIONS", "", None, 1,
-                                                  ["POST"]]))
+        event["headers"] = draw(
+            st.dictionaries(st.text(max_size=15) | st.just("content-type"), _header_values, max_size=6)
+        )
+    method = draw(
+        st.sampled_from(["POST"] * 4 + ["post", "Post", " POST", "GET", "HEAD", "OPTIONS", "", None, 1, ["POST"]])
+    )
     context = draw(st.sampled_from(["ok"] * 6 + ["missing", "none", "http_missing", "http_str", "list"]))
     if context == "ok":
         event["requestContext"]["http"]["method"] = method
@@ -918,7 +1030,8 @@ def nested_and_sized(draw: st.DrawFn) -> tuple[str, bool, str]:
     if kind == "form_depth":
         depth = draw(st.integers(0, MAX_DEPTH + 30))
         key = draw(st.sampled_from(["auth", "data", "x", "auth[member_id]"])) + "".join(
-            f"[{draw(st.sampled_from(['', 'a', '0', 'member_id']))}]" for _ in range(depth))
+            f"[{draw(st.sampled_from(['', 'a', '0', 'member_id']))}]" for _ in range(depth)
+        )
         pairs = [*GENUINE_PAIRS, (key, "v")] if draw(st.booleans()) else [(key, MEMBER_ID), *GENUINE_PAIRS[:1]]
         return urlencode([(k, token if k == "auth[application_token]" else v) for k, v in pairs]), False, FORM
     if kind == "json_depth":
@@ -926,8 +1039,15 @@ def nested_and_sized(draw: st.DrawFn) -> tuple[str, bool, str]:
         inner = draw(st.sampled_from(["[", '{"a":']))
         close = "]" if inner == "[" else "}"
         nested = inner * depth + "1" + close * depth
-        text = ('{"event":"ONAPPUNINSTALL","auth":{"member_id":"' + MEMBER_ID + '","application_token":"' + token
-                + '"},"data":' + nested + "}")
+        text = (
+            '{"event":"ONAPPUNINSTALL","auth":{"member_id":"'
+            + MEMBER_ID
+            + '","application_token":"'
+            + token
+            + '"},"data":'
+            + nested
+            + "}"
+        )
         return text, False, "application/json"
     if kind == "fields":
         n = draw(st.sampled_from([990, 995, 1000, 1001, 1010, 5000]))
@@ -936,8 +1056,9 @@ def nested_and_sized(draw: st.DrawFn) -> tuple[str, bool, str]:
     if kind == "json_wide":
         n = draw(st.sampled_from([990, 1000, 1001, 3000]))
         data = {f"k{i}": i for i in range(n)}
-        text = json.dumps({"event": "ONAPPUNINSTALL", "auth": {"member_id": MEMBER_ID, "application_token": token},
-                           "data": data})
+        text = json.dumps(
+            {"event": "ONAPPUNINSTALL", "auth": {"member_id": MEMBER_ID, "application_token": token}, "data": data}
+        )
         b64 = draw(st.booleans())
         return (base64.b64encode(text.encode()).decode() if b64 else text), b64, "application/json"
     base = urlencode([(k, token if k == "auth[application_token]" else v) for k, v in GENUINE_PAIRS])
@@ -977,21 +1098,29 @@ def install_endpoint(
         endpoint.reset_clients()
 
 
-_install_auth = st.fixed_dictionaries({}, optional={
-    "member_id": st.sampled_from([MEMBER_ID, "f" * 32, "../x"]) | st.text(max_size=10),
-    "application_token": st.sampled_from([APPLICATION_TOKEN, WRONG_TOKEN]) | st.text(max_size=10),
-    "refresh_token": st.sampled_from(["f" * 64, "", " "]) | st.text(max_size=20),
-    "access_token": st.text(max_size=20),
-    "server_endpoint": st.sampled_from(["https://oauth.bitrix.info/rest/", "http://127.0.0.1:9/rest/",
-                                        "https://evil.example/rest/"]) | st.text(max_size=20),
-    "client_endpoint": st.sampled_from(["https://evil.example/rest/", "http://127.0.0.1:9/"]),
-    "domain": st.text(max_size=10),
-})
+_install_auth = st.fixed_dictionaries(
+    {},
+    optional={
+        "member_id": st.sampled_from([MEMBER_ID, "f" * 32, "../x"]) | st.text(max_size=10),
+        "application_token": st.sampled_from([APPLICATION_TOKEN, WRONG_TOKEN]) | st.text(max_size=10),
+        "refresh_token": st.sampled_from(["f" * 64, "", " "]) | st.text(max_size=20),
+        "access_token": st.text(max_size=20),
+        "server_endpoint": st.sampled_from(
+            ["https://oauth.bitrix.info/rest/", "http://127.0.0.1:9/rest/", "https://evil.example/rest/"]
+        )
+        | st.text(max_size=20),
+        "client_endpoint": st.sampled_from(["https://evil.example/rest/", "http://127.0.0.1:9/"]),
+        "domain": st.text(max_size=10),
+    },
+)
 
 
 @settings(FUZZ, max_examples=400)
-@given(event_name=st.sampled_from(["ONAPPINSTALL", "ONAPPUPDATE", "onappinstall", "ONAPPUNINSTALL"]),
-       auth=_install_auth, as_json=st.booleans())
+@given(
+    event_name=st.sampled_from(["ONAPPINSTALL", "ONAPPUPDATE", "onappinstall", "ONAPPUNINSTALL"]),
+    auth=_install_auth,
+    as_json=st.booleans(),
+)
 def test_fuzz_forged_installs_store_nothing(
     install_endpoint: tuple[AwsLog, Outbound, Emulator], event_name: str, auth: dict[str, str], as_json: bool
 ) -> None:
@@ -1006,14 +1135,26 @@ def test_fuzz_forged_installs_store_nothing(
     assert all(e.status != 200 for e in emu.requests_log(kind="oauth"))  # nothing was vouched for
 
 
-_trusted_lookalikes = st.sampled_from([
-    "https://oauth.bitrix.info.evil.example/rest/", "https://oauth.bitrix.info@evil.example/rest/",
-    "https://evil.example@oauth.bitrix.info/rest/", "https://oauth.bitrix.info:8443/rest/",
-    "http://oauth.bitrix.info/rest/", "https://oauth.bitrix.info./rest/", "https://\u043eauth.bitrix.info/rest/",
-    "https://oauth.bitrix.info%2F@evil.example/", "//oauth.bitrix.info/rest/", "https:/oauth.bitrix.info/rest/",
-    "https://xn--auth-ctd.bitrix.info/rest/", "https://oauth.bitrix24.tech:80/rest/", "https://127.0.0.1/rest/",
-    "https://oauth.bitrix.info:0/", "https://[::1]/rest/", "https://oauth.bitrix.info:99999/",
-]) | st.text(max_size=40)
+_trusted_lookalikes = st.sampled_from(
+    [
+        "https://oauth.bitrix.info.evil.example/rest/",
+        "https://oauth.bitrix.info@evil.example/rest/",
+        "https://evil.example@oauth.bitrix.info/rest/",
+        "https://oauth.bitrix.info:8443/rest/",
+        "http://oauth.bitrix.info/rest/",
+        "https://oauth.bitrix.info./rest/",
+        "https://\u043eauth.bitrix.info/rest/",
+        "https://oauth.bitrix.info%2F@evil.example/",
+        "//oauth.bitrix.info/rest/",
+        "https:/oauth.bitrix.info/rest/",
+        "https://xn--auth-ctd.bitrix.info/rest/",
+        "https://oauth.bitrix24.tech:80/rest/",
+        "https://127.0.0.1/rest/",
+        "https://oauth.bitrix.info:0/",
+        "https://[::1]/rest/",
+        "https://oauth.bitrix.info:99999/",
+    ]
+) | st.text(max_size=40)
 
 
 @pytest.fixture
@@ -1036,8 +1177,13 @@ def test_fuzz_untrusted_oauth_hosts_are_never_contacted(
     """Without B24_OAUTH_URL a registration may only ever talk to Bitrix24's own OAuth hosts."""
     log, outbound = untrusted_endpoint
     sent = len(outbound.urls)
-    pairs = [("event", "ONAPPINSTALL"), ("auth[member_id]", MEMBER_ID), ("auth[application_token]", "t" * 32),
-             ("auth[refresh_token]", "r" * 64), ("auth[server_endpoint]", server_endpoint)]
+    pairs = [
+        ("event", "ONAPPINSTALL"),
+        ("auth[member_id]", MEMBER_ID),
+        ("auth[application_token]", "t" * 32),
+        ("auth[refresh_token]", "r" * 64),
+        ("auth[server_endpoint]", server_endpoint),
+    ]
     status = check_endpoint(_event(urlencode(pairs)), log, outbound, installs=True)
     assert status in {400, 401}
     for url in outbound.urls[sent:]:
@@ -1091,7 +1237,7 @@ def test_the_worker_compares_application_tokens_in_constant_time(box: Sandbox, m
 
 
 # =============================================================================================
-# 6. Template security: what tests/test_template.py does not check yet
+# 6. Template security: what tests/functional/test_template.py does not check yet
 # =============================================================================================
 
 
@@ -1099,10 +1245,18 @@ class _CfnLoader(yaml.SafeLoader):
     pass
 
 
-_CfnLoader.add_multi_constructor("!", lambda loader, suffix, node: {suffix: (
-    loader.construct_scalar(node) if isinstance(node, yaml.ScalarNode)
-    else loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
-    else loader.construct_mapping(node))})
+_CfnLoader.add_multi_constructor(
+    "!",
+    lambda loader, suffix, node: {
+        suffix: (
+            loader.construct_scalar(node)
+            if isinstance(node, yaml.ScalarNode)
+            else loader.construct_sequence(node)
+            if isinstance(node, yaml.SequenceNode)
+            else loader.construct_mapping(node)
+        )
+    },
+)
 
 
 @pytest.fixture(scope="module")
@@ -1151,8 +1305,8 @@ def test_failed_jobs_have_time_to_reach_the_dlq(template: dict[str, Any]) -> Non
     dlq = resources["DeadLetterQueue"]["Properties"]
     retention = queue.get("MessageRetentionPeriod", 345600)
     worker_timeout = resources["WorkerFunction"]["Properties"].get(
-        "Timeout", template["Globals"]["Function"].get("Timeout", 3))
+        "Timeout", template["Globals"]["Function"].get("Timeout", 3)
+    )
     max_receives = int(queue["RedrivePolicy"]["maxReceiveCount"])
     assert retention >= max_receives * queue["VisibilityTimeout"] + worker_timeout, "jobs would expire before the DLQ"
     assert dlq["MessageRetentionPeriod"] >= retention
-

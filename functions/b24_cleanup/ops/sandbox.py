@@ -14,9 +14,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
+from ..record import PortalRecord
+from ..store import BOTO_CONFIG, PortalStore
 from .emulator import App, Emulator, Installation, Portal
-from .record import PortalRecord
-from .store import BOTO_CONFIG, PortalStore
 
 # moto intercepts HTTP through `responses`, which logs every passed-through URL at INFO; the OAuth
 # refresh URL carries the client secret and refresh token (reference §7).

@@ -49,8 +49,13 @@ def function_url_event(method: str, path: str, headers: dict[str, str], body: by
             "accountId": "anonymous",
             "apiId": "local",
             "domainName": "localhost",
-            "http": {"method": method, "path": parts.path or "/", "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1",
-                     "userAgent": headers.get("User-Agent", "")},
+            "http": {
+                "method": method,
+                "path": parts.path or "/",
+                "protocol": "HTTP/1.1",
+                "sourceIp": "127.0.0.1",
+                "userAgent": headers.get("User-Agent", ""),
+            },
             "requestId": request_id,
             "routeKey": "$default",
             "stage": "$default",
@@ -103,7 +108,7 @@ class FunctionUrl:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{host!s}:{port}/"
 
     def __enter__(self) -> FunctionUrl:
         self._thread.start()

@@ -84,9 +84,7 @@ def test_event_type_online_any_case(event_type: str) -> None:
 
 @pytest.mark.parametrize("event_type", ["offline", "OFFLINE", "OffLine"])
 def test_event_type_offline_any_case(event_type: str) -> None:
-    assert declared({"event": "ONX", "event_type": event_type}).handlers == (
-        DeclaredHandler("ONX", None, True),
-    )
+    assert declared({"event": "ONX", "event_type": event_type}).handlers == (DeclaredHandler("ONX", None, True),)
 
 
 @pytest.mark.parametrize(
@@ -198,9 +196,7 @@ def test_non_http_url_is_invalid(handler: str) -> None:
     assert "not an http:// or https:// URL" in invalid_entry({"event": "ONX", "handler": handler})
 
 
-@pytest.mark.parametrize(
-    "handler", ["https://", "https:///path", "http://:8080/h", "https:app.example.com/h"]
-)
+@pytest.mark.parametrize("handler", ["https://", "https:///path", "http://:8080/h", "https:app.example.com/h"])
 def test_url_without_host_is_invalid(handler: str) -> None:
     assert "has no host" in invalid_entry({"event": "ONX", "handler": handler})
 
@@ -210,9 +206,7 @@ def test_unparseable_url_is_invalid(handler: str) -> None:
     assert "not a parseable URL" in invalid_entry({"event": "ONX", "handler": handler})
 
 
-@pytest.mark.parametrize(
-    "handler", [f" {URL}", f"{URL} ", f"{URL}\n", "https://app.example.com/a b", f"{URL}\x00"]
-)
+@pytest.mark.parametrize("handler", [f" {URL}", f"{URL} ", f"{URL}\n", "https://app.example.com/a b", f"{URL}\x00"])
 def test_url_with_whitespace_or_control_is_invalid(handler: str) -> None:
     assert "white space or control" in invalid_entry({"event": "ONX", "handler": handler})
 
@@ -230,9 +224,7 @@ def test_null_event_type_is_invalid() -> None:
 
 
 def test_empty_event_type_is_invalid() -> None:
-    assert "'event_type' is present but empty" in invalid_entry(
-        {"event": "ONX", "event_type": "", "handler": URL}
-    )
+    assert "'event_type' is present but empty" in invalid_entry({"event": "ONX", "event_type": "", "handler": URL})
 
 
 @pytest.mark.parametrize("event_type", ["both", "webhook", " offline", "offline ", "on line"])
@@ -242,9 +234,7 @@ def test_unknown_event_type_is_invalid(event_type: str) -> None:
 
 @pytest.mark.parametrize("event_type", [1, 0, True, ["offline"]])
 def test_non_string_event_type_is_invalid(event_type: object) -> None:
-    assert "'event_type' is present but not a string" in invalid_entry(
-        {"event": "ONX", "event_type": event_type}
-    )
+    assert "'event_type' is present but not a string" in invalid_entry({"event": "ONX", "event_type": event_type})
 
 
 @pytest.mark.parametrize(
@@ -307,10 +297,7 @@ def test_offline_flag_true_spellings(flag: object) -> None:
 
 @pytest.mark.parametrize("flag", [0, "0", False, "false", "N", ""])
 def test_offline_flag_false_spellings(flag: object) -> None:
-    assert (
-        HandlerRow.from_api({"event": "ONX", "handler": URL, "auth_type": "0", "offline": flag}).offline
-        is False
-    )
+    assert HandlerRow.from_api({"event": "ONX", "handler": URL, "auth_type": "0", "offline": flag}).offline is False
 
 
 def test_absent_offline_flag_follows_the_keys() -> None:
@@ -319,9 +306,7 @@ def test_absent_offline_flag_follows_the_keys() -> None:
 
 
 def test_integer_auth_type_becomes_a_string() -> None:
-    assert (
-        HandlerRow.from_api({"event": "ONX", "handler": URL, "auth_type": 15, "offline": 0}).auth_type == "15"
-    )
+    assert HandlerRow.from_api({"event": "ONX", "handler": URL, "auth_type": 15, "offline": 0}).auth_type == "15"
 
 
 @pytest.mark.parametrize(
@@ -359,16 +344,12 @@ def test_events_compare_case_insensitively() -> None:
     rows = [online("ONCRMLEADADD", URL), offline("ONCRMDEALUPDATE")]
     plan = classify(
         rows,
-        declared(
-            {"event": "onCrmLeadAdd", "handler": URL}, {"event": "oncrmdealupdate", "event_type": "offline"}
-        ),
+        declared({"event": "onCrmLeadAdd", "handler": URL}, {"event": "oncrmdealupdate", "event_type": "offline"}),
     )
     assert plan.declared == tuple(rows)
     assert not plan.orphans
     lower_rows = [HandlerRow("oncrmleadadd", URL, "0", False, "")]
-    assert classify(lower_rows, declared({"event": "ONCRMLEADADD", "handler": URL})).declared == tuple(
-        lower_rows
-    )
+    assert classify(lower_rows, declared({"event": "ONCRMLEADADD", "handler": URL})).declared == tuple(lower_rows)
 
 
 @pytest.mark.parametrize(
@@ -397,9 +378,7 @@ def test_offline_rows_match_offline_entries_only() -> None:
     rows = [offline("ONCRMDEALUPDATE"), offline("ONCRMDEALUPDATE", "erp"), offline("ONCRMLEADADD")]
     plan = classify(
         rows,
-        declared(
-            {"event": "ONCRMDEALUPDATE", "event_type": "offline"}, {"event": "ONCRMLEADADD", "handler": URL}
-        ),
+        declared({"event": "ONCRMDEALUPDATE", "event_type": "offline"}, {"event": "ONCRMLEADADD", "handler": URL}),
     )
     assert plan.declared == (rows[0], rows[1])  # any connector of a declared offline event is kept
     assert plan.orphans == (rows[2],)  # an online entry never covers an offline row
@@ -537,9 +516,7 @@ def test_no_orphans_no_commands() -> None:
 
 
 def test_unbind_command_is_a_frozen_dataclass() -> None:
-    command = UnbindCommand(
-        key="u0", params={"event": "ONX", "handler": URL}, rows=1, event="ONX", handler=URL
-    )
+    command = UnbindCommand(key="u0", params={"event": "ONX", "handler": URL}, rows=1, event="ONX", handler=URL)
     with pytest.raises(AttributeError):
         command.rows = 2  # type: ignore[misc]
 
@@ -558,17 +535,13 @@ online_rows = st.builds(
     st.sampled_from(URLS),
     st.sampled_from(["0", "1", "15"]),
 )
-offline_rows = st.builds(
-    lambda e, c: HandlerRow(e, None, None, True, c), event_names, st.sampled_from(CONNECTORS)
-)
+offline_rows = st.builds(lambda e, c: HandlerRow(e, None, None, True, c), event_names, st.sampled_from(CONNECTORS))
 rows_strategy = st.lists(st.one_of(online_rows, offline_rows), max_size=30)
 
 entries_strategy = st.lists(
     st.one_of(
         st.builds(lambda e, u: {"event": e, "handler": u}, event_names, st.sampled_from(URLS)),
-        st.builds(
-            lambda e, t: {"event": e, "event_type": t}, event_names, st.sampled_from(["offline", "OFFLINE"])
-        ),
+        st.builds(lambda e, t: {"event": e, "event_type": t}, event_names, st.sampled_from(["offline", "OFFLINE"])),
     ),
     min_size=1,
     max_size=8,
@@ -618,9 +591,7 @@ def test_unbind_command_properties(orphans: list[HandlerRow]) -> None:
     assert len(online_commands) == len(set(online_commands))
     # every offline (event, connector) group gets exactly one command; an empty connector is not sent
     offline_groups = [(r.event.upper(), r.connector_id) for r in orphans if r.offline]
-    offline_commands = [
-        (c.params["event"], c.params.get("auth_connector", "")) for c in commands if c.offline
-    ]
+    offline_commands = [(c.params["event"], c.params.get("auth_connector", "")) for c in commands if c.offline]
     assert sorted(offline_commands) == sorted(set(offline_groups))
     for command in commands:
         if command.offline:
@@ -640,9 +611,7 @@ def test_unbind_command_properties(orphans: list[HandlerRow]) -> None:
 
 @settings(max_examples=200)
 @given(entries=entries_strategy, index=st.integers(min_value=0, max_value=7), data=st.data())
-def test_one_malformed_entry_always_invalidates(
-    entries: list[dict[str, Any]], index: int, data: st.DataObject
-) -> None:
+def test_one_malformed_entry_always_invalidates(entries: list[dict[str, Any]], index: int, data: st.DataObject) -> None:
     broken = data.draw(
         st.sampled_from(
             [

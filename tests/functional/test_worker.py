@@ -12,7 +12,7 @@ import pytest
 from conftest import APPLICATION_TOKEN, MEMBER_ID, load_event
 
 from b24_cleanup.handlers import worker
-from b24_cleanup.sandbox import Sandbox, collect_results, sandbox
+from b24_cleanup.ops.sandbox import Sandbox, collect_results, sandbox
 
 APP_URL = "https://app.example.com/b24/events"
 OLD_URL = "https://old.example.com/b24/events"
@@ -48,9 +48,12 @@ def emf_blobs(out: str) -> list[dict[str, Any]]:
 
 
 def test_sample_events_run_through_the_worker(box: Sandbox, lambda_context: Any, capsys: Any) -> None:
-    box.add_portal("sample.bitrix24.test", member_id=MEMBER_ID, extra={"application_token": APPLICATION_TOKEN},
-                   handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL},
-                             {"event": "ONCRMLEADADD", "handler": OLD_URL}])
+    box.add_portal(
+        "sample.bitrix24.test",
+        member_id=MEMBER_ID,
+        extra={"application_token": APPLICATION_TOKEN},
+        handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL}, {"event": "ONCRMLEADADD", "handler": OLD_URL}],
+    )
 
     swept = worker.lambda_handler(load_event("worker_sweep.json"), lambda_context)
     removed = worker.lambda_handler(load_event("worker_uninstall.json"), lambda_context)
@@ -79,11 +82,24 @@ def test_mixed_batch_reports_only_failed_records_and_keeps_group_order(
     records = [
         record({"action": "sweep", "member_id": ok.member_id}, "m-ok", ok.member_id, template),
         record({"action": "sweep", "member_id": down.member_id}, "m-down-1", down.member_id, template),
-        record({"action": "uninstall", "member_id": stale.member_id, "application_token": "old", "clean": True,
-                "ts": "1"}, "m-stale", stale.member_id, template),
-        record({"action": "uninstall", "member_id": down.member_id,
-                "application_token": down.installation.application_token, "clean": True, "ts": "2"},
-               "m-down-2", down.member_id, template),
+        record(
+            {"action": "uninstall", "member_id": stale.member_id, "application_token": "old", "clean": True, "ts": "1"},
+            "m-stale",
+            stale.member_id,
+            template,
+        ),
+        record(
+            {
+                "action": "uninstall",
+                "member_id": down.member_id,
+                "application_token": down.installation.application_token,
+                "clean": True,
+                "ts": "2",
+            },
+            "m-down-2",
+            down.member_id,
+            template,
+        ),
         record({"action": "explode"}, "m-bad", "some-group", template),
     ]
 
@@ -113,8 +129,10 @@ def test_portals_of_one_batch_run_concurrently(box: Sandbox, lambda_context: Any
     template = load_event("worker_sweep.json")["Records"][0]
     box.emulator.latency = 0.2
     seeded = [box.add_portal(f"c{i}.bitrix24.test") for i in range(5)]
-    records = [record({"action": "sweep", "member_id": s.member_id}, f"m{i}", s.member_id, template)
-               for i, s in enumerate(seeded)]
+    records = [
+        record({"action": "sweep", "member_id": s.member_id}, f"m{i}", s.member_id, template)
+        for i, s in enumerate(seeded)
+    ]
 
     assert worker.lambda_handler({"Records": records}, lambda_context) == {"batchItemFailures": []}
 
@@ -135,13 +153,12 @@ def test_bad_job_body_fails_its_record_with_a_clear_log_line(box: Sandbox, lambd
     answer = worker.lambda_handler(event, lambda_context)
     assert answer == {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
     logs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"level"')]
-    assert any(line["message"].startswith("bad job body") and line.get("reason") == "job body is not JSON"
-               for line in logs)
+    assert any(
+        line["message"].startswith("bad job body") and line.get("reason") == "job body is not JSON" for line in logs
+    )
 
 
-def test_a_job_near_the_invocation_timeout_fails_cleanly_instead_of_starting(
-    box: Sandbox, lambda_context: Any
-) -> None:
+def test_a_job_near_the_invocation_timeout_fails_cleanly_instead_of_starting(box: Sandbox, lambda_context: Any) -> None:
     seeded = box.add_portal("late.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD_URL}])
     template = load_event("worker_sweep.json")["Records"][0]
     lambda_context.get_remaining_time_in_millis = lambda: 20_000  # under the deadline margin

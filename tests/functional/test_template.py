@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
 BUILD_DIR = ROOT / ".aws-sam" / "build"
 SAM_PYTHON = ROOT / ".tools" / "sam" / "bin" / "python"
@@ -864,7 +864,7 @@ def _source_files(base: Path) -> dict[str, bytes]:
 
 
 # What functions/Makefile leaves out of the Lambda artifact (never imported there).
-OPERATOR_ONLY = ("emulator/", "sandbox.py", "demo.py", "cli.py", "functionurl.py")
+OPERATOR_ONLY = ("ops/",)
 
 
 @pytest.fixture(scope="module")

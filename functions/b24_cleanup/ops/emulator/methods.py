@@ -163,7 +163,8 @@ def event_bind(caller: Caller, params: dict[str, Any]) -> bool:
         raise ApiError("ERROR_EVENT_NOT_FOUND", "Event not found")
     if kind == "offline" and event in _NO_OFFLINE_EVENTS:
         raise ApiError("ERROR_ARGUMENT", "Offline event cannot be registered for this event.")
-    options = p.get("options") if isinstance(p.get("options"), dict) else {}
+    raw_options = p.get("options")
+    options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
     caller.portal._add_row(caller.client_id, event, handler, user, connector, options)
     return True
 

@@ -13,8 +13,8 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 import requests
 
-from b24_cleanup.emulator import App, Emulator, Installation, Portal, TokenPair, serve_forever
-from b24_cleanup.emulator.phpform import flatten, parse_pairs, parse_query
+from b24_cleanup.ops.emulator import App, Emulator, Installation, Portal, TokenPair, serve_forever
+from b24_cleanup.ops.emulator.phpform import flatten, parse_pairs, parse_query
 
 URL = "https://app.example.com/b24/events"
 OLD = "https://old.example.com/b24/events"

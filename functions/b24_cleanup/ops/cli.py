@@ -12,14 +12,15 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import B24Error, ConfigError, InvalidDeclaredSet, TransientError
-from .jobs import Action, Job, JobFailed, JobResult, Outcome
-from .record import valid_member_id
+from ..errors import B24Error, ConfigError, InvalidDeclaredSet, TransientError
+from ..jobs import Action, Job, JobFailed, JobResult, Outcome
+from ..record import valid_member_id
+from .output import RESULT_HEADER, Progress, result_row, table, totals
 
 EXIT_OK, EXIT_PORTAL_FAILED, EXIT_USAGE = 0, 1, 2
 BAD_OUTCOMES = frozenset({Outcome.FAILED, Outcome.INCOMPLETE})
@@ -29,59 +30,11 @@ class CliError(Exception):
     """A usual mistake: printed as one line, exit status 2."""
 
 
-# ------------------------------------------------------------------------------------------ output
-
-
-def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    """A plain text table: readable in a terminal and in a CI log."""
-    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-RESULT_HEADER = ("member_id", "outcome", "found", "unbound", "kept", "missing", "failed", "refreshed", "rest", "note")
-
-
-def result_row(r: JobResult) -> tuple[object, ...]:
-    return (r.member_id, r.outcome.value, r.found, r.unbound, r.kept, r.missing, r.unbind_failed, r.refreshed,
-            r.rest_calls, r.reason)
-
-
-def totals(results: Iterable[JobResult]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in results:
-        for name, value in r.metrics().items():
-            out[name] = out.get(name, 0) + value
-    return out
-
-
-class Progress:
-    """A one-line progress bar on stderr, only where a person is watching (a TTY)."""
-
-    def __init__(self, total: int, stream: TextIO = sys.stderr, enabled: bool | None = None) -> None:
-        self.total = total
-        self.done = 0
-        self.stream = stream
-        self.enabled = stream.isatty() if enabled is None else enabled
-
-    def step(self) -> None:
-        self.done += 1
-        if self.enabled:
-            width = 30
-            filled = width * self.done // max(self.total, 1)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
-            if self.done >= self.total:
-                self.stream.write("\n")
-            self.stream.flush()
-
-
 # ------------------------------------------------------------------------------------------ commands
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .config import Settings
+    from ..config import Settings
 
     env = dict(os.environ)
     if args.prefix:
@@ -96,7 +49,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _engine(args: argparse.Namespace) -> Any:
-    from .engine import Engine
+    from ..engine import Engine
 
     return Engine.from_settings(_settings(args))
 
@@ -115,7 +68,7 @@ def _member_ids(engine: Any, member_id: str | None) -> list[str]:
 
 
 def _check_declared(engine: Any) -> None:
-    from .planner import DeclaredSet
+    from ..planner import DeclaredSet
 
     try:
         DeclaredSet.parse(engine.store.declared_set_text())
@@ -152,17 +105,20 @@ def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
     results = run_jobs(engine, [Job(Action.SWEEP, m) for m in ids], workers=args.workers, progress=progress)
     summary = totals(results)
     if args.json:
-        json.dump({"dry_run": engine.dry_run, "portals": [r.summary() for r in results], "totals": summary}, out,
-                  indent=2)
+        json.dump(
+            {"dry_run": engine.dry_run, "portals": [r.summary() for r in results], "totals": summary}, out, indent=2
+        )
         out.write("\n")
     else:
         out.write(table([result_row(r) for r in results], RESULT_HEADER) + "\n\n")
         by_outcome = {o.value: sum(1 for r in results if r.outcome is o) for o in Outcome}
         out.write("outcomes: " + ", ".join(f"{k} {v}" for k, v in by_outcome.items() if v) + "\n")
-        out.write(f"handlers: found {summary.get('HandlersFound', 0)}, "
-                  f"{'would unbind' if engine.dry_run else 'unbound'} {summary.get('HandlersUnbound', 0)}, "
-                  f"kept {summary.get('HandlersKept', 0)}, missing {summary.get('HandlersMissing', 0)}, "
-                  f"unbind failed {summary.get('UnbindFailed', 0)}\n")
+        out.write(
+            f"handlers: found {summary.get('HandlersFound', 0)}, "
+            f"{'would unbind' if engine.dry_run else 'unbound'} {summary.get('HandlersUnbound', 0)}, "
+            f"kept {summary.get('HandlersKept', 0)}, missing {summary.get('HandlersMissing', 0)}, "
+            f"unbind failed {summary.get('UnbindFailed', 0)}\n"
+        )
         if engine.dry_run:
             out.write("dry run: nothing was unbound, marked or deleted (token refreshes were persisted)\n")
     return EXIT_PORTAL_FAILED if any(r.outcome in BAD_OUTCOMES for r in results) else EXIT_OK
@@ -180,19 +136,31 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     record = engine.store.get(member_id)
     declared_rows = result.found - len(result.orphans)
     if args.json:
-        json.dump({**result.summary(), "orphans": result.orphans, "missing_handlers": result.missing_handlers,
-                   "declared_rows": declared_rows}, out, indent=2)
+        json.dump(
+            {
+                **result.summary(),
+                "orphans": result.orphans,
+                "missing_handlers": result.missing_handlers,
+                "declared_rows": declared_rows,
+            },
+            out,
+            indent=2,
+        )
         out.write("\n")
     else:
         # plan runs the sweep as a dry run: say what a sweep would do, not what it did.
         state = {"cleaned": "has orphans to unbind", "clean": "clean"}.get(result.outcome.value, result.outcome.value)
-        out.write(f"portal {member_id} ({record.domain if record else '?'}): {state}"
-                  f"{' - ' + result.reason if result.reason else ''}\n")
+        out.write(
+            f"portal {member_id} ({record.domain if record else '?'}): {state}"
+            f"{' - ' + result.reason if result.reason else ''}\n"
+        )
         out.write(f"owned handler rows: {result.found} (declared {result.kept}, orphan {len(result.orphans)})\n\n")
         if result.orphans:
             out.write("orphans (would be unbound):\n")
-            rows = [(o["event"], o.get("handler") or "(offline)", o.get("auth_type") or o.get("connector_id") or "")
-                    for o in result.orphans]
+            rows: list[tuple[object, ...]] = [
+                (o["event"], o.get("handler") or "(offline)", o.get("auth_type") or o.get("connector_id") or "")
+                for o in result.orphans
+            ]
             out.write(table(rows, ("event", "handler", "auth_type/connector")) + "\n\n")
         if result.missing_handlers:
             out.write("declared but missing:\n")
@@ -202,8 +170,8 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
-    from .payload import PayloadError, parse_event_body
-    from .registration import RegistrationInvalid, RegistrationRejected, register
+    from ..payload import PayloadError, parse_event_body
+    from ..registration import RegistrationInvalid, RegistrationRejected, register
 
     settings = _settings(args)
     raw = sys.stdin.buffer.read() if args.payload == "-" else _read_file(args.payload)
@@ -217,8 +185,9 @@ def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
     except RegistrationRejected as exc:
         raise CliError(f"registration rejected, nothing stored: {exc}") from None
     if args.json:
-        json.dump({"member_id": registration.member_id, "event": registration.event, "created": registration.created},
-                  out)
+        json.dump(
+            {"member_id": registration.member_id, "event": registration.event, "created": registration.created}, out
+        )
         out.write("\n")
     else:
         verb = "registered (new record)" if registration.created else "registered (record replaced)"
@@ -286,8 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
-         err: Callable[[str], None] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Callable[[str], None] | None = None) -> int:
     out = out or sys.stdout
     say = err or (lambda line: print(line, file=sys.stderr))
     args = build_parser().parse_args(argv)

@@ -10,8 +10,8 @@ import pytest
 
 from b24_cleanup.engine import Engine, EngineOptions
 from b24_cleanup.jobs import Action, Job, JobFailed, Outcome
+from b24_cleanup.ops.sandbox import Sandbox, sandbox
 from b24_cleanup.pacing import Backoff
-from b24_cleanup.sandbox import Sandbox, sandbox
 
 APP_URL = "https://app.example.com/b24/events"
 OLD_URL = "https://old-deploy.example.com/b24/events"
@@ -203,16 +203,18 @@ def _orphans(n: int) -> list[dict]:
 def test_transient_command_failure_fails_the_job_and_a_rerun_finishes(box: Sandbox) -> None:
     seeded = box.add_portal("flaky.bitrix24.test", handlers=_orphans(5))
     bad = "https://o2.example.com/h"
-    seeded.portal.fail_command(lambda m, p: m == "event.unbind" and p.get("handler") == bad,
-                               "INTERNAL_SERVER_ERROR", 500, times=1)
+    seeded.portal.fail_command(
+        lambda m, p: m == "event.unbind" and p.get("handler") == bad, "INTERNAL_SERVER_ERROR", 500, times=1
+    )
 
     with pytest.raises(JobFailed) as failed:
         make_engine(box).run(sweep_job(seeded))
     first = failed.value.result
     assert first.outcome is Outcome.FAILED
     assert first.unbound == 4 and first.unbind_failed == 1
-    assert first.failures == [{"event": "ONCRMDEALADD", "handler": bad, "error": "INTERNAL_SERVER_ERROR",
-                               "kind": "transient"}]
+    assert first.failures == [
+        {"event": "ONCRMDEALADD", "handler": bad, "error": "INTERNAL_SERVER_ERROR", "kind": "transient"}
+    ]
     assert [r["handler"] for r in seeded.portal.handlers(box.app)] == [bad]
 
     again = make_engine(box).run(sweep_job(seeded))

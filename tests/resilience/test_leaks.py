@@ -32,17 +32,17 @@ import boto3
 import pytest
 from conftest import emulator_secrets, find_secrets
 
-from b24_cleanup import cli
 from b24_cleanup.access import TokenAccess
-from b24_cleanup.emulator import payloads
 from b24_cleanup.engine import Engine, EngineOptions
-from b24_cleanup.functionurl import FakeContext, function_url_event
 from b24_cleanup.jobs import Action, Job, JobFailed, Outcome
 from b24_cleanup.oauth import OAuthClient
+from b24_cleanup.ops import cli
+from b24_cleanup.ops.emulator import payloads
+from b24_cleanup.ops.functionurl import FakeContext, function_url_event
+from b24_cleanup.ops.sandbox import Sandbox, drain, sandbox
 from b24_cleanup.pacing import Backoff
 from b24_cleanup.payload import parse_event_body
 from b24_cleanup.registration import register
-from b24_cleanup.sandbox import Sandbox, drain, sandbox
 
 FAST = EngineOptions(backoff=Backoff(attempts=3, base=0.001, cap=0.005), settle_seconds=0.01, timeout=(1.0, 1.0))
 APP = "https://app.example.com/b24/events"
@@ -150,8 +150,9 @@ def box(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
 
 
 def install_body(box: Sandbox, inst: Any) -> dict[str, Any]:
-    return parse_event_body(urlencode(payloads.install_form(box.emulator.state, inst)).encode(),
-                            "application/x-www-form-urlencoded")
+    return parse_event_body(
+        urlencode(payloads.install_form(box.emulator.state, inst)).encode(), "application/x-www-form-urlencoded"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the checker
@@ -180,8 +181,8 @@ def test_the_checker_finds_what_it_looks_for(seen: Seen) -> None:
 def test_the_demo_leaks_nothing(seen: Seen, monkeypatch: pytest.MonkeyPatch) -> None:
     """The demo: install registrations, genuine and spoofed uninstalls, sweeps, an expired token, a renamed
     portal, a revoked one, a WRONG_LICENSE queue; its JSON logs, EMF metrics and table."""
-    from b24_cleanup.demo import run_demo
     from b24_cleanup.handlers import observability
+    from b24_cleanup.ops.demo import run_demo
 
     before = len(emulator_secrets())
     out = io.StringIO()
@@ -216,8 +217,9 @@ def test_worker_failure_paths_leak_nothing(box: Sandbox, seen: Seen) -> None:
     blocked.portal.fail_next(100, "OVERLOAD_LIMIT")
     moved = box.add_portal("moved.bitrix24.test", handlers=orphans, expired=True)
     moved.portal.rename("moved-new.bitrix24.test")
-    locked = box.add_portal("locked.bitrix24.test", handlers=[*orphans, {"event": "ONCRMLEADADD", "offline": True,
-                                                                          "connector_id": "erp"}])
+    locked = box.add_portal(
+        "locked.bitrix24.test", handlers=[*orphans, {"event": "ONCRMLEADADD", "offline": True, "connector_id": "erp"}]
+    )
     locked.portal.license_auth_connector = False
     stale = box.add_portal("stale.bitrix24.test", handlers=orphans)
     stale.portal.expire_tokens(box.app)
@@ -225,10 +227,15 @@ def test_worker_failure_paths_leak_nothing(box: Sandbox, seen: Seen) -> None:
 
     sqs = boto3.client("sqs")
     for i, member_id in enumerate(members):
-        sqs.send_message(QueueUrl=box.queue_url, MessageBody=json.dumps(Job(Action.SWEEP, member_id).to_message()),
-                         MessageGroupId=member_id, MessageDeduplicationId=f"leak-{i}")
-    sqs.send_message(QueueUrl=box.queue_url, MessageBody="{not json", MessageGroupId="bad",
-                     MessageDeduplicationId="leak-bad")
+        sqs.send_message(
+            QueueUrl=box.queue_url,
+            MessageBody=json.dumps(Job(Action.SWEEP, member_id).to_message()),
+            MessageGroupId=member_id,
+            MessageDeduplicationId=f"leak-{i}",
+        )
+    sqs.send_message(
+        QueueUrl=box.queue_url, MessageBody="{not json", MessageGroupId="bad", MessageDeduplicationId="leak-bad"
+    )
     worker._engine = Engine(box.store, options=FAST)
     drain(sqs, box.queue_url, worker.lambda_handler, FakeContext())
 
@@ -241,15 +248,28 @@ def test_worker_failure_paths_leak_nothing(box: Sandbox, seen: Seen) -> None:
     dead = Engine(box.store, oauth_url=DEAD_OAUTH, options=FAST)
     failed = seen.expect(JobFailed, lambda: dead.run(Job(Action.SWEEP, expired.member_id)))
     assert "OAUTH_UNREACHABLE" in str(failed)
-    seen.expect(Exception, lambda: OAuthClient(box.store.app_credentials()).refresh(
-        box.emulator.oauth_url, spent.installation.refresh_token))  # invalid_grant, spent token
-    seen.expect(Exception, lambda: OAuthClient(box.store.app_credentials()).refresh(
-        DEAD_OAUTH, box.record(expired.member_id).refresh_token))
+    seen.expect(
+        Exception,
+        lambda: OAuthClient(box.store.app_credentials()).refresh(
+            box.emulator.oauth_url, spent.installation.refresh_token
+        ),
+    )  # invalid_grant, spent token
+    seen.expect(
+        Exception,
+        lambda: OAuthClient(box.store.app_credentials()).refresh(
+            DEAD_OAUTH, box.record(expired.member_id).refresh_token
+        ),
+    )
 
-    outcomes = {r.member_id: r.outcome for r in [engine.run(Job(Action.SWEEP, m)) for m in
-                                                 (revoked.member_id, spent.member_id, locked.member_id)]}
-    assert outcomes == {revoked.member_id: Outcome.REVOKED, spent.member_id: Outcome.REVOKED,
-                        locked.member_id: Outcome.INCOMPLETE}
+    outcomes = {
+        r.member_id: r.outcome
+        for r in [engine.run(Job(Action.SWEEP, m)) for m in (revoked.member_id, spent.member_id, locked.member_id)]
+    }
+    assert outcomes == {
+        revoked.member_id: Outcome.REVOKED,
+        spent.member_id: Outcome.REVOKED,
+        locked.member_id: Outcome.INCOMPLETE,
+    }
     seen.assert_clean(min_records=10)
 
 
@@ -267,8 +287,9 @@ def test_endpoint_registration_and_token_access_leak_nothing(
     endpoint.reset_clients()
 
     def post(pairs: list[tuple[str, str]]) -> int:
-        event = function_url_event("POST", "/", {"content-type": "application/x-www-form-urlencoded"},
-                                   urlencode(pairs).encode())
+        event = function_url_event(
+            "POST", "/", {"content-type": "application/x-www-form-urlencoded"}, urlencode(pairs).encode()
+        )
         return endpoint.lambda_handler(event, FakeContext())["statusCode"]
 
     state = box.emulator.state
@@ -288,13 +309,15 @@ def test_endpoint_registration_and_token_access_leak_nothing(
     fresh = box.emulator.install(box.emulator.add_portal("lib.bitrix24.test"), box.app)
     body = install_body(box, fresh)
     seen.expect(RegistrationRejected, lambda: register(body, box.store, oauth_url=DEAD_OAUTH))
-    seen.expect(RegistrationRejected, lambda: register(install_body(box, other), box.store,
-                                                       oauth_url=box.emulator.oauth_url))
+    seen.expect(
+        RegistrationRejected, lambda: register(install_body(box, other), box.store, oauth_url=box.emulator.oauth_url)
+    )
     liar = install_body(box, box.emulator.install(box.emulator.add_portal("liar.bitrix24.test"), box.app))
     liar["auth"]["member_id"] = "0" * 32  # the OAuth server's answer names another portal
     seen.expect(RegistrationRejected, lambda: register(liar, box.store, oauth_url=box.emulator.oauth_url))
-    seen.expect(RegistrationInvalid, lambda: register({"event": "ONAPPINSTALL", "auth": {"refresh_token": "x"}},
-                                                      box.store))
+    seen.expect(
+        RegistrationInvalid, lambda: register({"event": "ONAPPINSTALL", "auth": {"refresh_token": "x"}}, box.store)
+    )
     register(body, box.store, oauth_url=box.emulator.oauth_url)
 
     tokens = TokenAccess(box.store, settle_seconds=0.01)
@@ -311,23 +334,38 @@ def test_endpoint_registration_and_token_access_leak_nothing(
     seen.assert_clean(min_records=8)
 
 
-def test_cli_outputs_and_errors_leak_nothing(box: Sandbox, seen: Seen, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_outputs_and_errors_leak_nothing(
+    box: Sandbox, seen: Seen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every command's table and --json output, and the one-line errors of the usual mistakes."""
-    dirty = box.add_portal("dirty.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP},
-                                                             {"event": "ONCRMLEADADD", "handler": OLD}], expired=True)
+    dirty = box.add_portal(
+        "dirty.bitrix24.test",
+        handlers=[{"event": "ONCRMLEADADD", "handler": APP}, {"event": "ONCRMLEADADD", "handler": OLD}],
+        expired=True,
+    )
     box.add_portal("tidy.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP}])
     gone = box.add_portal("gone.bitrix24.test")
     box.emulator.uninstall(gone.portal, box.app)
     genuine = tmp_path / "install.txt"
-    genuine.write_text(urlencode(payloads.install_form(box.emulator.state, box.emulator.install(
-        box.emulator.add_portal("cli.bitrix24.test"), box.app))))
+    genuine.write_text(
+        urlencode(
+            payloads.install_form(
+                box.emulator.state, box.emulator.install(box.emulator.add_portal("cli.bitrix24.test"), box.app)
+            )
+        )
+    )
     as_json = tmp_path / "install.json"
     inst = box.emulator.install(box.emulator.add_portal("cli-json.bitrix24.test"), box.app)
     as_json.write_text(json.dumps(install_body(box, inst)))
     spoofed = tmp_path / "spoofed.txt"
-    spoofed.write_text(urlencode(payloads.install_form(box.emulator.state, box.emulator.install(
-        box.emulator.add_portal("x.bitrix24.test"), box.emulator.add_app()))))
+    spoofed.write_text(
+        urlencode(
+            payloads.install_form(
+                box.emulator.state,
+                box.emulator.install(box.emulator.add_portal("x.bitrix24.test"), box.emulator.add_app()),
+            )
+        )
+    )
     oauth = ["--oauth-url", box.emulator.oauth_url]
     codes: list[int] = []
 
@@ -362,11 +400,14 @@ def test_cli_outputs_and_errors_leak_nothing(box: Sandbox, seen: Seen, tmp_path:
 def test_debug_logging_leaks_nothing(box: Sandbox, capfd: pytest.CaptureFixture[str]) -> None:
     from b24_cleanup.handlers import worker
 
-    seeded = box.add_portal("debug.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD}],
-                            expired=True)
+    seeded = box.add_portal("debug.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD}], expired=True)
     sqs = boto3.client("sqs")
-    sqs.send_message(QueueUrl=box.queue_url, MessageBody=json.dumps(Job(Action.SWEEP, seeded.member_id).to_message()),
-                     MessageGroupId=seeded.member_id, MessageDeduplicationId="debug")
+    sqs.send_message(
+        QueueUrl=box.queue_url,
+        MessageBody=json.dumps(Job(Action.SWEEP, seeded.member_id).to_message()),
+        MessageGroupId=seeded.member_id,
+        MessageDeduplicationId="debug",
+    )
     worker._engine = Engine(box.store, options=FAST)
     root = logging.getLogger()
     records = _Records()

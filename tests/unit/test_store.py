@@ -91,8 +91,12 @@ def test_app_credentials(store: PortalStore, ssm) -> None:
     with pytest.raises(ConfigError, match="JSON") as err:
         store.app_credentials()
     assert "not json" not in str(err.value)
-    ssm.put_parameter(Name=name, Value=json.dumps({"client_id": "app", "client_secret": "s3cr3t"}), Type="SecureString",
-                      Overwrite=True)
+    ssm.put_parameter(
+        Name=name,
+        Value=json.dumps({"client_id": "app", "client_secret": "s3cr3t"}),
+        Type="SecureString",
+        Overwrite=True,
+    )
     creds = store.app_credentials()
     assert (creds.client_id, creds.client_secret) == ("app", "s3cr3t")
     assert "s3cr3t" not in repr(creds)
@@ -108,8 +112,13 @@ def test_throttling_is_transient(store: PortalStore, ssm) -> None:
     from botocore.exceptions import ClientError
 
     def throttle(**kwargs: object) -> None:
-        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
-                           "ResponseMetadata": {"HTTPStatusCode": 400}}, "GetParameter")
+        raise ClientError(
+            {
+                "Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            },
+            "GetParameter",
+        )
 
     ssm.meta.events.register("before-call.ssm.GetParameter", throttle)
     with pytest.raises(TransientError):

@@ -14,13 +14,13 @@ from urllib.parse import urlencode
 
 import pytest
 
-from b24_cleanup.cli import main
-from b24_cleanup.emulator import payloads
-from b24_cleanup.sandbox import Sandbox, sandbox
+from b24_cleanup.ops.cli import main
+from b24_cleanup.ops.emulator import payloads
+from b24_cleanup.ops.sandbox import Sandbox, sandbox
 
 APP_URL = "https://app.example.com/b24/events"
 OLD_URL = "https://old.example.com/b24/events"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -37,8 +37,10 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 
 def seed_two(box: Sandbox) -> tuple[Any, Any]:
-    dirty = box.add_portal("dirty.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL},
-                                                             {"event": "ONCRMLEADADD", "handler": OLD_URL}])
+    dirty = box.add_portal(
+        "dirty.bitrix24.test",
+        handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL}, {"event": "ONCRMLEADADD", "handler": OLD_URL}],
+    )
     tidy = box.add_portal("tidy.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL}])
     return dirty, tidy
 
@@ -109,8 +111,11 @@ def test_plan_classifies_without_changing_anything(box: Sandbox) -> None:
 def test_usual_mistakes_are_one_line(box: Sandbox, argv: tuple[str, ...], message: str) -> None:
     box.add_portal("x.bitrix24.test")
     if "/nothing/here" in argv:
-        box.store.client.put_parameter(Name="/nothing/here/app/handlers", Type="String",
-                                       Value=json.dumps({"handlers": [{"event": "E", "handler": APP_URL}]}))
+        box.store.client.put_parameter(
+            Name="/nothing/here/app/handlers",
+            Type="String",
+            Value=json.dumps({"handlers": [{"event": "E", "handler": APP_URL}]}),
+        )
     code, out, err = run(*argv)
     assert code == 2
     assert message in err
@@ -166,8 +171,13 @@ def _nest(fields: dict[str, str]) -> dict[str, Any]:
 
 def _isolated_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "B24_"))}
-    env.update(AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_EC2_METADATA_DISABLED="true",
-               B24_SSM_PREFIX="/b24-cleanup/prod", **extra)
+    env.update(
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+        AWS_EC2_METADATA_DISABLED="true",
+        B24_SSM_PREFIX="/b24-cleanup/prod",
+        **extra,
+    )
     return env
 
 
@@ -177,8 +187,15 @@ def _isolated_env(**extra: str) -> dict[str, str]:
     ids=["no-credentials", "no-region"],
 )
 def test_aws_setup_mistakes_in_a_real_process(extra: dict[str, str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "b24_cleanup.cli", "sweep"], capture_output=True, text=True,
-                          env=_isolated_env(**extra), cwd=ROOT / "functions", timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "b24_cleanup.ops.cli", "sweep"],
+        capture_output=True,
+        text=True,
+        env=_isolated_env(**extra),
+        cwd=ROOT / "functions",
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -203,9 +220,14 @@ def test_demo_runs_offline_and_every_portal_ends_as_expected() -> None:
 
 
 def test_emulator_command_serves_and_prints_no_secret() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "b24_cleanup.cli", "emulator", "--port", "0"],
-                            cwd=ROOT / "functions", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_isolated_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "b24_cleanup.ops.cli", "emulator", "--port", "0"],
+        cwd=ROOT / "functions",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_isolated_env(),
+    )
     try:
         first = proc.stdout.readline()
         assert "http://127.0.0.1:" in first

@@ -15,16 +15,16 @@ import pytest
 import requests
 
 from b24_cleanup.access import PortalNotFound, TokenAccess
-from b24_cleanup.emulator import payloads
 from b24_cleanup.engine import Engine, EngineOptions
 from b24_cleanup.errors import InvalidGrantError
-from b24_cleanup.functionurl import FakeContext, FunctionUrl
 from b24_cleanup.jobs import Action, Job, Outcome
 from b24_cleanup.oauth import OAuthClient
+from b24_cleanup.ops.emulator import payloads
+from b24_cleanup.ops.functionurl import FakeContext, FunctionUrl
+from b24_cleanup.ops.sandbox import Sandbox, sandbox
 from b24_cleanup.pacing import Backoff
 from b24_cleanup.payload import parse_event_body
 from b24_cleanup.registration import RegistrationInvalid, RegistrationRejected, register
-from b24_cleanup.sandbox import Sandbox, sandbox
 
 FAST = EngineOptions(backoff=Backoff(attempts=2, base=0.01, cap=0.02), settle_seconds=0.05)
 
@@ -103,8 +103,13 @@ def test_update_replaces_token_and_pair_and_keeps_the_rest(box: Sandbox) -> None
     seeded = box.add_portal("up.bitrix24.test", store=False)
     record = box.emulator.record_for(seeded.installation)
     record["custom"] = {"plan": "pro"}
-    box.store.client.put_parameter(Name=box.store.portal_name(seeded.member_id), Value=json.dumps(record),
-                                   Type="SecureString", KeyId=key_id, Tier="Advanced")
+    box.store.client.put_parameter(
+        Name=box.store.portal_name(seeded.member_id),
+        Value=json.dumps(record),
+        Type="SecureString",
+        KeyId=key_id,
+        Tier="Advanced",
+    )
     inst = box.emulator.update(seeded.portal, box.app)
     body = parse_form(payloads.install_form(box.emulator.state, inst))
     assert body["event"] == "ONAPPUPDATE"
@@ -140,7 +145,9 @@ def _spoofs(box: Sandbox) -> dict[str, tuple[dict[str, Any], str | None]]:
         "random tokens": (install_body(box, refresh_token="f" * 32, access_token="e" * 32), box.emulator.oauth_url),
         "another app's genuine token": (install_body(box, app=other_app), box.emulator.oauth_url),
         "member_id differs from the OAuth answer": (
-            install_body(box, member_id=victim["auth"]["member_id"]), box.emulator.oauth_url),
+            install_body(box, member_id=victim["auth"]["member_id"]),
+            box.emulator.oauth_url,
+        ),
         "server_endpoint on a foreign host": (install_body(box), None),
         "replayed install (refresh token spent)": (replay, box.emulator.oauth_url),
     }
@@ -191,8 +198,9 @@ def test_endpoint_registers_installs_posted_by_the_portal(
     with FunctionUrl(endpoint_env.lambda_handler) as url:
         portal = box.emulator.add_portal("joined.bitrix24.test")
         inst = box.emulator.install(portal, box.app, install_url=url.url)
-        spoof = payloads.install_form(box.emulator.state, box.emulator.install(
-            box.emulator.add_portal("x.bitrix24.test"), box.emulator.add_app()))
+        spoof = payloads.install_form(
+            box.emulator.state, box.emulator.install(box.emulator.add_portal("x.bitrix24.test"), box.emulator.add_app())
+        )
         spoof_status = payloads.post_form(url.url, spoof)
     assert inst.status == 200
     assert box.record(portal.member_id).application_token == inst.application_token
@@ -215,17 +223,19 @@ def test_endpoint_refuses_installs_when_registration_is_off(box: Sandbox, endpoi
 def test_endpoint_spoofed_install_has_the_spoofed_uninstall_body(
     box: Sandbox, endpoint_env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from b24_cleanup.functionurl import function_url_event
+    from b24_cleanup.ops.functionurl import function_url_event
 
     monkeypatch.setenv("B24_ACCEPT_INSTALL", "true")
     seeded = box.add_portal("known.bitrix24.test")
     spoof_uninstall = payloads.uninstall_form(box.emulator.state, seeded.portal, "0" * 32, clean=True)
-    spoof_install = payloads.install_form(box.emulator.state, box.emulator.install(
-        box.emulator.add_portal("y.bitrix24.test"), box.emulator.add_app()))
+    spoof_install = payloads.install_form(
+        box.emulator.state, box.emulator.install(box.emulator.add_portal("y.bitrix24.test"), box.emulator.add_app())
+    )
 
     def call(pairs: list[tuple[str, str]]) -> dict[str, Any]:
-        event = function_url_event("POST", "/", {"content-type": "application/x-www-form-urlencoded"},
-                                   urlencode(pairs).encode())
+        event = function_url_event(
+            "POST", "/", {"content-type": "application/x-www-form-urlencoded"}, urlencode(pairs).encode()
+        )
         return endpoint_env.lambda_handler(event, FakeContext())
 
     a, b = call(spoof_uninstall), call(spoof_install)
@@ -277,8 +287,9 @@ def test_refresh_raced_by_another_writer_adopts_its_pair(box: Sandbox) -> None:
     TokenAccess(box.store, settle_seconds=0.05).get(seeded.member_id)  # the app's backend moves the chain on
     winner = box.record(seeded.member_id)
 
-    keeper = TokenKeeper(box.store, seeded.member_id, stale, lambda: OAuthClient(box.store.app_credentials()),
-                         settle_seconds=0.05)
+    keeper = TokenKeeper(
+        box.store, seeded.member_id, stale, lambda: OAuthClient(box.store.app_credentials()), settle_seconds=0.05
+    )
     token = keeper.access_token()  # refresh with the spent token → invalid_grant → re-read
 
     assert token == winner.access_token
@@ -308,15 +319,18 @@ def test_threads_and_a_second_process_end_with_one_chain(tmp_path: Any) -> None:
     saved = os.environ.get("AWS_ENDPOINT_URL")
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     try:
-        from b24_cleanup.emulator import Emulator
+        from b24_cleanup.ops.emulator import Emulator
         from b24_cleanup.record import PortalRecord
         from b24_cleanup.store import PortalStore
 
         with Emulator() as emu:
             app = emu.add_app()
             store = PortalStore("/race")
-            store.client.put_parameter(Name="/race/app/credentials", Type="SecureString", Value=json.dumps(
-                {"client_id": app.client_id, "client_secret": app.client_secret}))
+            store.client.put_parameter(
+                Name="/race/app/credentials",
+                Type="SecureString",
+                Value=json.dumps({"client_id": app.client_id, "client_secret": app.client_secret}),
+            )
             portal = emu.add_portal("race.bitrix24.test")
             record = PortalRecord(emu.record_for(emu.install(portal, app)))
             record.data["expires"] = 1
@@ -331,8 +345,9 @@ def test_threads_and_a_second_process_end_with_one_chain(tmp_path: Any) -> None:
 
             def ask() -> None:
                 try:
-                    results.append(("ok", TokenAccess(PortalStore("/race"), settle_seconds=0.5)
-                                    .get(portal.member_id).access_token))
+                    results.append(
+                        ("ok", TokenAccess(PortalStore("/race"), settle_seconds=0.5).get(portal.member_id).access_token)
+                    )
                 except Exception as exc:
                     results.append(("error", type(exc).__name__))
 

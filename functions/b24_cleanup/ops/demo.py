@@ -20,9 +20,9 @@ from typing import Any, TextIO
 
 import boto3
 
-from .cli import table
 from .emulator import payloads
 from .functionurl import FakeContext, FunctionUrl
+from .output import table
 from .sandbox import Sandbox, SeededPortal, collect_results, drain, patched_environ, sandbox
 
 APP = "https://app.example.com/b24"
@@ -35,7 +35,7 @@ OLD = "https://app-v1.example.com/b24/events"  # a deployment retired long ago
 
 
 def _declared_rows(skip: int | None = None) -> list[dict[str, Any]]:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"event": "ONCRMLEADADD", "handler": f"{APP}/events"},
         {"event": "ONCRMDEALUPDATE", "handler": f"{APP}/events", "user_id": 1},
         {"event": "ONCRMDEALADD", "offline": True},
@@ -109,7 +109,7 @@ def run_demo(out: TextIO, *, as_json: bool = False) -> int:
 
 
 def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> list[Case]:
-    from .handlers import endpoint, observability, scheduler, worker
+    from ..handlers import endpoint, observability, scheduler, worker
 
     for handler in observability.logger.handlers:  # keep the handlers' JSON logs for the leak scan
         handler.setStream(logs)  # type: ignore[attr-defined]

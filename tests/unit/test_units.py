@@ -142,8 +142,15 @@ def test_backoff_grows_and_is_capped() -> None:
 
 def test_record_keeps_unknown_keys_and_never_prints_tokens() -> None:
     record = PortalRecord.from_json(
-        json.dumps({"member_id": "abc", "domain": "x.bitrix24.com", "access_token": "AT-secret",
-                    "refresh_token": "RT-secret", "custom": [1, 2]})
+        json.dumps(
+            {
+                "member_id": "abc",
+                "domain": "x.bitrix24.com",
+                "access_token": "AT-secret",
+                "refresh_token": "RT-secret",
+                "custom": [1, 2],
+            }
+        )
     )
     assert json.loads(record.to_json())["custom"] == [1, 2]
     assert "secret" not in repr(record) and "secret" not in str(record)
