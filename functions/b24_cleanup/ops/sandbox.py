@@ -12,11 +12,14 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..record import PortalRecord
 from ..store import BOTO_CONFIG, PortalStore
 from .emulator import App, Emulator, Installation, Portal
+
+if TYPE_CHECKING:
+    from .quota import QuotaAws, SsmQuotas
 
 # moto intercepts HTTP through `responses`, which logs every passed-through URL at INFO; the OAuth
 # refresh URL carries the client secret and refresh token (reference §7).
@@ -52,6 +55,9 @@ class Sandbox:
         self.app = app
         self.queue_url = queue_url
         self.dlq_url = dlq_url
+        # The quota-faithful SSM when the sandbox was asked for one (ops/quota.py). `store` keeps
+        # a direct, unmetered client: seeding and assertions do not spend the handlers' quota.
+        self.quota: QuotaAws | None = None
 
     @property
     def prefix(self) -> str:
@@ -136,9 +142,14 @@ def sandbox(
     prefix: str = DEFAULT_PREFIX,
     declared: Iterable[Mapping[str, Any]] | str | None = None,
     emulator: Emulator | None = None,
+    ssm_quotas: SsmQuotas | None = None,
     **emulator_options: Any,
 ) -> Iterator[Sandbox]:
-    """Start moto and the emulator, seed the app's credentials and declared set, yield a Sandbox."""
+    """Start moto and the emulator, seed the app's credentials and declared set, yield a Sandbox.
+
+    `ssm_quotas` meters every SSM client created inside the block at real SSM's rates
+    (ops/quota.py; `box.quota` reports what was admitted and throttled). Off by default.
+    """
     import boto3
     from moto import mock_aws  # dev dependency, imported only here
 
@@ -167,7 +178,14 @@ def sandbox(
             box = Sandbox(emu, store, app, queue_url, dlq_url)
             if declared is not None:
                 box.put_declared(declared)
-            yield box
+            if ssm_quotas is None:
+                yield box
+                return
+            from .quota import ssm_quotas as metered  # imports this module: not at the top
+
+            with metered(ssm_quotas) as quota:
+                box.quota = quota
+                yield box
 
 
 def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
