@@ -73,9 +73,8 @@ class _CurrentStdout:
 
 @pytest.fixture(autouse=True)
 def _reset_powertools(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fresh metrics and parameter caches per test; logs go to the stdout that capsys sees."""
+    """Fresh metrics per test; logs go to the stdout that capsys sees."""
     from aws_lambda_powertools.metrics.provider import cold_start
-    from aws_lambda_powertools.utilities import parameters
 
     from b24_cleanup.handlers.observability import logger, metrics
 
@@ -83,7 +82,6 @@ def _reset_powertools(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         metrics.clear_metrics()
         metrics.clear_default_dimensions()
         cold_start.is_cold_start = True
-        parameters.clear_caches()
 
     reset()
     # The Logger bound its handler to the sys.stdout of import time; make it follow whatever

@@ -1,10 +1,10 @@
 """A small Bitrix24 REST client for one portal (reference §8-§11).
 
-JSON POST to `{client_endpoint}{method}` with `auth` in the body; no blind redirects (a renamed
-portal answers 302 and the POST is re-sent to the new address); one exception type per meaning;
-bounded retries with backoff and jitter for transient answers; every request paced by the
-portal's leaky bucket. `batch` packs up to 50 commands a request and falls back to single calls
-when the portal refuses it.
+JSON POST to `{client_endpoint}{method}` with `auth` in the body; one exception type per meaning.
+A request is `send` (one paced HTTP request) under two policies: `redirect_refusal`, the one rule
+for re-sending a token after a renamed portal's 302, and `pacing.RetryPolicy` for transient
+answers. A followed move is reported in `moved_to`; the caller stores it. `batch` packs up to 50
+commands a request and falls back to single calls when the portal refuses it.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
+from .commands import Command, CommandResult
 from .errors import (
     MISSING_FROM_BATCH,
     B24Error,
@@ -29,7 +30,7 @@ from .errors import (
     make_error,
 )
 from .oauth import USER_AGENT
-from .pacing import Backoff, LeakyBucket
+from .pacing import LeakyBucket, RetryPolicy
 from .tokens import TokenKeeper
 
 log = logging.getLogger(__name__)
@@ -47,21 +48,41 @@ class CallStats:
 
 
 @dataclass(frozen=True)
-class Command:
-    key: str  # non-numeric: numeric keys turn the answer's sections into lists (reference §9)
-    method: str
-    params: Mapping[str, str]
+class Redirect:
+    """A portal answered a redirect: the request's URL, the absolute target, the HTTP status."""
 
-
-@dataclass(frozen=True)
-class CommandResult:
-    value: Any = None
-    error: B24Error | None = None
-    attempted: bool = True
+    source: str
+    target: str
+    status: int
 
     @property
-    def ok(self) -> bool:
-        return self.error is None and self.attempted
+    def client_endpoint(self) -> str | None:
+        """The target's `.../rest/` prefix: the portal's new address, when the target names one."""
+        cut = self.target.rfind("/rest/")
+        return self.target[: cut + len("/rest/")] if cut != -1 else None
+
+
+class Redirected(Exception):  # a signal from `send` to its caller, not an error: outside the B24Error tree
+    """Raised by :meth:`PortalClient.send` for a 3xx answer; the caller decides whether to follow."""
+
+    def __init__(self, redirect: Redirect) -> None:
+        super().__init__(f"redirected (HTTP {redirect.status})")  # no URL: it could carry anything
+        self.redirect = redirect
+
+
+def redirect_refusal(redirect: Redirect, hops: int) -> str | None:
+    """The one redirect rule: why the request (and its token) must not be re-sent to the target, or None.
+
+    `hops` counts this request's redirects, this one included. Today: at most MAX_REDIRECTS, to an
+    http(s) address, and never from https down to http (the token would cross the network in clear
+    text). The trust rule of SPEC §5 step 3 (same host, or one the OAuth server confirms) goes here.
+    """
+    target = urlsplit(redirect.target).scheme
+    if hops > MAX_REDIRECTS or target not in {"http", "https"}:
+        return "the portal redirected too often or off the web"
+    if target == "http" and urlsplit(redirect.source).scheme == "https":
+        return "the portal redirected from https to http"
+    return None
 
 
 class PortalClient:
@@ -71,9 +92,8 @@ class PortalClient:
         *,
         session: requests.Session,
         bucket: LeakyBucket,
-        backoff: Backoff | None = None,
+        retry: RetryPolicy | None = None,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-        max_time_limit_wait: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         deadline: float | None = None,
@@ -82,13 +102,13 @@ class PortalClient:
         self.deadline = deadline  # time.monotonic() after which no request is started
         self.session = session
         self.bucket = bucket
-        self.backoff = backoff or Backoff()
+        self.retry = retry or RetryPolicy()
         self.timeout = timeout
-        self.max_time_limit_wait = max_time_limit_wait
         self.sleep = sleep
         self.clock = clock
         self.stats = CallStats()
         self.batch_refused = False
+        self.moved_to: str | None = None  # the portal's new client_endpoint, once a redirect was followed
 
     # -- single calls ------------------------------------------------------------------
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
@@ -112,69 +132,78 @@ class PortalClient:
             ) from None
 
     def _post(self, method: str, params: dict[str, Any], token: str) -> Any:
-        attempt = 0
-        redirects = 0
+        """Send until answered: follow redirects the rule allows, retry what the policy says."""
         url = urljoin(self.tokens.record.client_endpoint, method)
+        tries = hops = 0
         while True:
-            attempt += 1
-            if self.deadline is not None and time.monotonic() >= self.deadline:
-                # Better a clean transient failure (the queue retries the job, which plans afresh)
-                # than a Lambda timeout that fails the whole batch mid-request.
-                raise TransientError("OUT_OF_TIME", "the invocation is about to time out", method=method)
-            self.bucket.acquire()
-            self.stats.rest_calls += 1
+            self._check_deadline(method)
             try:
-                response = self.session.post(
-                    url,
-                    json={**params, "auth": token},
-                    timeout=self.timeout,
-                    allow_redirects=False,
-                    headers={"Accept": "application/json", "User-Agent": USER_AGENT},
-                )
-            except requests.Timeout:
-                error: B24Error = TransientError("TIMEOUT", "no answer in time", method=method)
-            except requests.RequestException as exc:
-                error = TransientError("CONNECTION_FAILED", type(exc).__name__, method=method)
-            else:
-                if response.status_code in _REDIRECTS:
-                    redirects += 1
-                    url = self._follow(url, response, method, redirects)
-                    attempt -= 1  # a move is not a failure
-                    continue
-                outcome = _read(response, method)
-                if not isinstance(outcome, B24Error):
-                    return outcome
-                error = outcome
-            self._wait_or_raise(error, attempt)
+                return self.send(url, method, params, token)
+            except Redirected as moved:
+                hops += 1  # a move is not a failed try
+                url = self._follow(moved.redirect, hops, method)
+            except B24Error as error:
+                tries += 1
+                self._back_off(error, tries)
 
-    def _follow(self, url: str, response: requests.Response, method: str, redirects: int) -> str:
-        location = response.headers.get("Location", "")
-        target = urljoin(url, location)
-        if redirects > MAX_REDIRECTS or urlsplit(target).scheme not in {"http", "https"}:
-            raise PermanentError(
-                "BAD_REDIRECT",
-                "the portal redirected too often or off the web",
-                status=response.status_code,
-                method=method,
+    def send(self, url: str, method: str, params: Mapping[str, Any], token: str) -> Any:
+        """One paced HTTP request: its `result`, else the classified B24Error or :class:`Redirected`.
+
+        Redirects are never followed here (`allow_redirects=False`): the token travels in the
+        JSON body, so where it goes next is the caller's decision.
+        """
+        self.bucket.acquire()
+        self.stats.rest_calls += 1
+        try:
+            response = self.session.post(
+                url,
+                json={**params, "auth": token},
+                timeout=self.timeout,
+                allow_redirects=False,
+                headers={"Accept": "application/json", "User-Agent": USER_AGENT},
             )
-        cut = target.rfind("/rest/")
-        if cut != -1:
-            self.tokens.follow_rename(target[: cut + len("/rest/")])
-        return target
+        except requests.Timeout:
+            raise TransientError("TIMEOUT", "no answer in time", method=method) from None
+        except requests.RequestException as exc:
+            raise TransientError("CONNECTION_FAILED", type(exc).__name__, method=method) from None
+        if response.status_code in _REDIRECTS:
+            target = urljoin(url, response.headers.get("Location", ""))
+            raise Redirected(Redirect(url, target, response.status_code))
+        outcome = _read(response, method)
+        if isinstance(outcome, B24Error):
+            raise outcome
+        return outcome
 
-    def _wait_or_raise(self, error: B24Error, attempt: int) -> None:
+    def _check_deadline(self, method: str) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            # Better a clean transient failure (the queue retries the job, which plans afresh)
+            # than a Lambda timeout that fails the whole batch mid-request.
+            raise TransientError("OUT_OF_TIME", "the invocation is about to time out", method=method)
+
+    def _follow(self, redirect: Redirect, hops: int, method: str) -> str:
+        """Apply the redirect rule; a followed move changes the address in memory and is reported.
+
+        `moved_to` tells the caller the portal's new address; storing it is the caller's business
+        (the engine does, except in a dry run), never a write from inside this request loop.
+        """
+        refusal = redirect_refusal(redirect, hops)
+        if refusal is not None:
+            raise PermanentError("BAD_REDIRECT", refusal, status=redirect.status, method=method) from None
+        endpoint = redirect.client_endpoint
+        if endpoint and endpoint != self.tokens.record.client_endpoint:
+            log.info("portal %s moved; following the redirect to its new address", self.tokens.member_id)
+            self.tokens.record.set_client_endpoint(endpoint)
+            self.moved_to = endpoint
+        return redirect.target
+
+    def _back_off(self, error: B24Error, tries: int) -> None:
+        """Wait before the next try as the retry policy says, or raise `error`."""
         if isinstance(error, RateLimitedError):
             self.stats.rate_limited += 1
-            self.bucket.saturate()
-        if not isinstance(error, TransientError) or error.code.upper() == "OVERLOAD_LIMIT":
-            raise error  # OVERLOAD_LIMIT is a manual block: do not hammer (reference §10)
-        if attempt >= self.backoff.attempts:
+            self.bucket.saturate()  # the portal's bucket is full: ours paces the next calls
+        wait = self.retry.wait(error, tries, now=self.clock())
+        if wait is None:
             raise error
-        wait = self.backoff.delay(attempt)
-        if error.code.upper() == "OPERATION_TIME_LIMIT" and error.operating_reset_at:
-            wait = max(wait, error.operating_reset_at - self.clock())
-            if wait > self.max_time_limit_wait:
-                raise error
         self.sleep(wait)
 
     # -- batch -------------------------------------------------------------------------
@@ -196,7 +225,7 @@ class PortalClient:
         return results
 
     def _batch_chunk(self, chunk: Sequence[Command]) -> dict[str, CommandResult]:
-        cmd = {c.key: f"{c.method}?{urlencode(dict(c.params))}" for c in chunk}
+        cmd = {c.key: c.batch_query() for c in chunk}
         answer = self.call("batch", {"halt": 0, "cmd": cmd})
         answer = answer if isinstance(answer, dict) else {}
         # Empty sections arrive as [] (a PHP empty array), not {}.

@@ -11,19 +11,21 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from .client import Command, PortalClient
+from .client import PortalClient
+from .commands import Command, CommandResult
 from .config import Settings
-from .errors import B24Error, ConfigError, InvalidDeclaredSet, PermanentError, RevokedError, TransientError
+from .errors import ConfigError, InvalidDeclaredSet, PermanentError, RevokedError, TransientError
 from .jobs import Action, Job, JobFailed, JobResult, Outcome
 from .oauth import OAuthClient
-from .pacing import Backoff, BucketRegistry
-from .planner import UNBIND_METHOD, DeclaredSet, HandlerRow, Plan, classify, plan_uninstall, unbind_commands
+from .pacing import Backoff, BucketRegistry, RetryPolicy
+from .planner import DeclaredSet, Listing, Plan, plan, unbind_commands
 from .record import PortalRecord
 from .store import AppCredentials, PortalStore
 from .tokens import DEFAULT_SETTLE_SECONDS, TokenKeeper, check_usable
@@ -123,7 +125,6 @@ class Engine:
             oauth_url=self.oauth_url,
             settle_seconds=self.options.settle_seconds,
             clock=self.clock,
-            persist_renames=not self.dry_run,
         )
 
     def client(self, keeper: TokenKeeper, deadline: float | None = None) -> PortalClient:
@@ -131,9 +132,8 @@ class Engine:
             keeper,
             session=self.session,
             bucket=self.buckets.get(keeper.member_id),
-            backoff=self.options.backoff,
+            retry=RetryPolicy(self.options.backoff, self.options.max_time_limit_wait),
             timeout=self.options.timeout,
-            max_time_limit_wait=self.options.max_time_limit_wait,
             deadline=deadline,
         )
 
@@ -187,6 +187,7 @@ class Engine:
         except PermanentError as exc:
             result.outcome, result.reason = Outcome.INCOMPLETE, str(exc)
         finally:
+            self._remember_move(job.member_id, client.moved_to)
             result.rest_calls = client.stats.rest_calls
             result.rate_limited = client.stats.rate_limited
             result.refreshed = keeper.refreshed
@@ -200,63 +201,51 @@ class Engine:
                 self.store.modify(job.member_id, lambda current: current.data.pop("revoked_at", None) is not None)
 
     def _clean(self, job: Job, declared: DeclaredSet | None, client: PortalClient, result: JobResult) -> None:
-        items = client.call("event.get")
-        rows, bad = _rows(items)
-        plan: Plan = classify(rows, declared) if declared is not None else plan_uninstall(rows)
-        result.found = len(rows) + len(bad)
-        result.kept = len(plan.declared)
-        result.missing = len(plan.missing)
-        result.orphans = [row.as_dict() for row in plan.orphans]
-        result.missing_handlers = [entry.as_dict() for entry in plan.missing]
-        for item in bad:
-            result.unbind_failed += 1
-            result.failures.append(
-                {
-                    "event": item.get("event") if isinstance(item, dict) else None,
-                    "error": "UNREADABLE_ROW",
-                    "kind": "permanent",
-                }
-            )
-
-        commands = unbind_commands(plan.orphans)
+        """SPEC §5 steps 4-7: plan from `event.get`, unbind the orphans, conclude the outcome."""
+        commands = unbind_commands(self._plan(declared, client, result).orphans)
         if self.dry_run:
-            result.unbound = sum(c.rows for c in commands)  # what *would* be unbound
+            result.unbound = len(result.orphans)  # what *would* be unbound: every orphan row
             if commands:
                 log.info("dry run: %d handler rows of %s would be unbound", result.unbound, job.member_id)
         elif commands:
-            answers = client.batch([Command(c.key, UNBIND_METHOD, c.params) for c in commands])
-            revoked: B24Error | None = None
-            transient = False
-            for c in commands:
-                answer = answers[c.key]
-                if answer.ok:
-                    count = answer.value.get("count") if isinstance(answer.value, dict) else None
-                    result.unbound += int(count) if isinstance(count, int | float) else 0
-                    continue
-                if not answer.attempted:
-                    transient = True  # left for the retry after a transient failure
-                    continue
-                error = answer.error
-                assert error is not None
-                if isinstance(error, RevokedError):
-                    revoked = revoked or error
-                    continue
-                kind = "transient" if isinstance(error, TransientError) else "permanent"
-                transient = transient or kind == "transient"
-                result.unbind_failed += 1
-                failure = {"event": c.event, "handler": c.handler, "error": error.code, "kind": kind}
-                result.failures.append(failure)
-                log.warning("unbind failed on %s: %s", job.member_id, failure)
-            if revoked is not None:
-                raise RevokedError(revoked.code, revoked.description, method=revoked.method)
-            if transient:
-                raise TransientError("UNBIND_FAILED", f"{result.unbind_failed} unbind command(s) failed transiently")
+            self._unbind(job.member_id, commands, client, result)
+        _conclude(result, had_orphans=bool(commands))
 
-        if result.unbind_failed:
-            result.outcome = Outcome.INCOMPLETE
-            result.reason = f"{result.unbind_failed} handler(s) could not be unbound (permanent errors)"
-        else:
-            result.outcome = Outcome.CLEANED if commands else Outcome.CLEAN
+    @staticmethod
+    def _plan(declared: DeclaredSet | None, client: PortalClient, result: JobResult) -> Plan:
+        """Step 4: read `event.get` and plan; unreadable rows count as permanent unbind failures."""
+        listing = Listing.parse(client.call("event.get"))
+        planned = plan(listing.rows, declared)
+        result.found = listing.found
+        result.kept = len(planned.declared)
+        result.missing = len(planned.missing)
+        result.orphans = [row.as_dict() for row in planned.orphans]
+        result.missing_handlers = [entry.as_dict() for entry in planned.missing]
+        result.failures.extend(_unreadable(item) for item in listing.unreadable)
+        result.unbind_failed += len(listing.unreadable)
+        return planned
+
+    @staticmethod
+    def _unbind(member_id: str, commands: list[Command], client: PortalClient, result: JobResult) -> None:
+        """Step 5: run the commands and tally the answers; revoked or unfinished work raises."""
+        tally = Tally.of(commands, client.batch(commands))
+        for failure in tally.failures:
+            log.warning("unbind failed on %s: %s", member_id, failure)
+        result.unbound += tally.unbound
+        result.failures.extend(tally.failures)
+        result.unbind_failed += len(tally.failures)
+        if tally.revoked is not None:
+            raise RevokedError(tally.revoked.code, tally.revoked.description, method=tally.revoked.method)
+        if tally.unfinished:
+            raise TransientError("UNBIND_FAILED", f"{result.unbind_failed} unbind command(s) failed transiently")
+
+    def _remember_move(self, member_id: str, client_endpoint: str | None) -> None:
+        """Store a renamed portal's new address (reference §8), except in a dry run.
+
+        Only the address changes, on a fresh read: a pair another writer stored meanwhile stays.
+        """
+        if client_endpoint is not None and not self.dry_run:
+            self.store.modify(member_id, lambda current: _moved(current, client_endpoint))
 
     def _revoked(
         self, job: Job, record: PortalRecord, started_token: str, exc: RevokedError, result: JobResult
@@ -286,6 +275,72 @@ class Engine:
             log.info("record of %s kept: it changed (reinstalled) or is already gone", member_id)
 
 
+@dataclass
+class Tally:
+    """The answers to one job's unbind commands, counted (SPEC §5 step 5).
+
+    `unfinished` is true when something is left for the retry (a transient failure, or a command
+    the client did not try after one); `revoked` keeps the first app-gone answer, the evidence.
+    """
+
+    unbound: int = 0  # rows removed: the sum of the commands' `count`
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    unfinished: bool = False
+    revoked: RevokedError | None = None
+
+    @classmethod
+    def of(cls, commands: list[Command], answers: Mapping[str, CommandResult]) -> Tally:
+        tally = cls()
+        for command in commands:
+            tally.add(command, answers[command.key])
+        return tally
+
+    def add(self, command: Command, answer: CommandResult) -> None:
+        if answer.ok:
+            self.unbound += _count(answer.value)
+        elif not answer.attempted:
+            self.unfinished = True
+        elif isinstance(answer.error, RevokedError):
+            self.revoked = self.revoked or answer.error
+        else:
+            assert answer.error is not None
+            kind = "transient" if isinstance(answer.error, TransientError) else "permanent"
+            self.unfinished = self.unfinished or kind == "transient"
+            params = command.params
+            self.failures.append(
+                {
+                    "event": params.get("event"),
+                    "handler": params.get("handler"),
+                    "error": answer.error.code,
+                    "kind": kind,
+                }
+            )
+
+
+def _count(value: object) -> int:
+    """The rows one `event.unbind` removed, as its answer says (a missing count removed none)."""
+    count = value.get("count") if isinstance(value, dict) else None
+    return int(count) if isinstance(count, int | float) else 0
+
+
+def _unreadable(item: object) -> dict[str, Any]:
+    """The failure report of an `event.get` item that is not a row: it cannot be unbound, so it is left."""
+    return {
+        "event": item.get("event") if isinstance(item, dict) else None,
+        "error": "UNREADABLE_ROW",
+        "kind": "permanent",
+    }
+
+
+def _conclude(result: JobResult, *, had_orphans: bool) -> None:
+    """Step 7: permanent failures leave the portal incomplete; else cleaned, or clean when it had no orphans."""
+    if result.unbind_failed:
+        result.outcome = Outcome.INCOMPLETE
+        result.reason = f"{result.unbind_failed} handler(s) could not be unbound (permanent errors)"
+    else:
+        result.outcome = Outcome.CLEANED if had_orphans else Outcome.CLEAN
+
+
 def _mark_revoked(current: PortalRecord, seen: PortalRecord, started_token: str, now: int) -> bool:
     """Mark `current` revoked, unless it changed since the job saw it fail.
 
@@ -300,24 +355,15 @@ def _mark_revoked(current: PortalRecord, seen: PortalRecord, started_token: str,
     return True
 
 
+def _moved(record: PortalRecord, client_endpoint: str) -> bool:
+    if record.client_endpoint == client_endpoint:
+        return False
+    record.set_client_endpoint(client_endpoint)
+    return True
+
+
 def _same_token(record: PortalRecord, token: str | None) -> bool:
     return hmac.compare_digest(record.application_token.encode(), (token or "").encode())
-
-
-def _rows(items: object) -> tuple[list[HandlerRow], list[object]]:
-    """Parse `event.get` rows; unreadable ones are kept aside, never silently dropped."""
-    if isinstance(items, dict):  # a PHP array with gaps may come back as an object
-        items = list(items.values())
-    if not isinstance(items, list):
-        raise PermanentError("BAD_ANSWER", "event.get did not return a list", method="event.get")
-    rows: list[HandlerRow] = []
-    bad: list[object] = []
-    for item in items:
-        try:
-            rows.append(HandlerRow.from_api(item))
-        except (ValueError, TypeError):
-            bad.append(item)
-    return rows, bad
 
 
 def _log_result(result: JobResult) -> None:

@@ -11,7 +11,9 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .errors import B24Error, TransientError
 
 DEFAULT_RATE = 2.0
 DEFAULT_BURST = 50
@@ -45,7 +47,6 @@ class LeakyBucket:
         self._level = 0.0
         self._stamp = clock()
         self._lock = threading.Lock()
-        self.waited = 0.0  # seconds spent waiting, for benchmarks and logs
 
     def _drain(self, now: float) -> None:
         self._level = max(0.0, self._level - (now - self._stamp) * self.rate)
@@ -61,7 +62,6 @@ class LeakyBucket:
             self._level += 1
         if wait > 0:
             self._sleep(wait)
-            self.waited += wait
         return wait
 
     def saturate(self) -> None:
@@ -83,6 +83,33 @@ class Backoff:
         """The wait before try number `attempt + 1` (attempt counts from 1)."""
         ceiling = min(self.cap, self.base * (2 ** (attempt - 1)))
         return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed request is tried again, and after how long (reference §10, SPEC §5 step 7).
+
+    Modelled on urllib3's `Retry`: a decision from the error and the try count, no I/O. What is
+    retried: transient errors, with backoff and jitter, up to `backoff.attempts` tries in all.
+    `OPERATION_TIME_LIMIT` waits at least until the method unblocks (`operating_reset_at`), and
+    fails at once when that is more than `max_time_limit_wait` away. `OVERLOAD_LIMIT` is a manual
+    block: never retried, so as not to hammer a portal an admin must unblock.
+    """
+
+    backoff: Backoff = field(default_factory=Backoff)
+    max_time_limit_wait: float = 30.0
+
+    def wait(self, error: B24Error, tries: int, *, now: float, rng: random.Random | None = None) -> float | None:
+        """Seconds to wait before try `tries + 1` after `error` ended try `tries`; None: give up."""
+        code = error.code.upper()
+        if not isinstance(error, TransientError) or code == "OVERLOAD_LIMIT" or tries >= self.backoff.attempts:
+            return None
+        wait = self.backoff.delay(tries, rng)
+        if code == "OPERATION_TIME_LIMIT" and error.operating_reset_at:
+            wait = max(wait, error.operating_reset_at - now)
+            if wait > self.max_time_limit_wait:
+                return None
+        return wait
 
 
 class BucketRegistry:

@@ -1,7 +1,7 @@
 """What to keep and what to unbind: the declared handler set (SPEC §3) and the unbind plan (§5 step 5).
 
-Pure functions, no I/O: the store hands in the raw parameter text, the client hands in the rows
-of `event.get`, and the engine gets back a plan and the `event.unbind` commands for `batch`.
+Pure functions, no I/O: the store hands in the raw parameter text, the client hands in the answer
+of `event.get`, and the engine gets back a plan and the client's `event.unbind` commands for `batch`.
 
 The guiding rule is SPEC §7's first one: a declared handler must never be unbound. So the parser
 refuses anything it is not sure about (an invalid set is never half-used; the sweep then unbinds
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
-from .errors import InvalidDeclaredSet
+from .commands import Command
+from .errors import InvalidDeclaredSet, PermanentError
 
 UNBIND_METHOD = "event.unbind"
 UNINSTALL_EVENT = "ONAPPUNINSTALL"
@@ -257,6 +258,35 @@ class HandlerRow:
         }
 
 
+@dataclass(frozen=True)
+class Listing:
+    """`event.get`'s answer, read: the rows, and the items that are not rows (kept aside, never dropped)."""
+
+    rows: tuple[HandlerRow, ...]
+    unreadable: tuple[object, ...] = ()
+
+    @classmethod
+    def parse(cls, items: object) -> Listing:
+        """Read `event.get`'s `result`; PermanentError when it is not a list of items at all."""
+        if isinstance(items, dict):  # a PHP array with gaps may come back as an object
+            items = list(items.values())
+        if not isinstance(items, list):
+            raise PermanentError("BAD_ANSWER", "event.get did not return a list", method="event.get")
+        rows: list[HandlerRow] = []
+        unreadable: list[object] = []
+        for item in items:
+            try:
+                rows.append(HandlerRow.from_api(item))
+            except (ValueError, TypeError):
+                unreadable.append(item)
+        return cls(tuple(rows), tuple(unreadable))
+
+    @property
+    def found(self) -> int:
+        """Every item the portal listed, readable or not (SPEC §6 HandlersFound)."""
+        return len(self.rows) + len(self.unreadable)
+
+
 def _offline_flag(item: Mapping[str, Any]) -> bool:
     if "offline" not in item or item["offline"] is None:
         if "handler" in item:
@@ -339,33 +369,14 @@ def plan_uninstall(rows: Sequence[HandlerRow]) -> Plan:
     return Plan(declared=(), orphans=tuple(rows), missing=())
 
 
+def plan(rows: Sequence[HandlerRow], declared: DeclaredSet | None) -> Plan:
+    """A sweep's plan against the declared set; with no set (an uninstall), the uninstall plan."""
+    return classify(rows, declared) if declared is not None else plan_uninstall(rows)
+
+
 # --------------------------------------------------------------------------------------------
 # Unbind commands (SPEC §5 step 5)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UnbindCommand:
-    """One `event.unbind` call, ready to go into a `batch` under `key`.
-
-    `rows` is how many `event.get` rows it is expected to remove (all users' rows of an online
-    pair; all offline rows of an (event, connector)). `params` is read-only and holds strings
-    only, because batch commands travel as query strings.
-    """
-
-    key: str
-    params: Mapping[str, str] = field(hash=False)
-    rows: int
-    event: str
-    handler: str | None
-
-    @property
-    def offline(self) -> bool:
-        return self.params.get("event_type") == _OFFLINE
-
-    def batch_query(self) -> str:
-        """The command as a `batch` `cmd` value: `event.unbind?event=...&handler=...` (encoded once)."""
-        return f"{UNBIND_METHOD}?{urlencode(dict(self.params))}"
 
 
 def command_key(index: int) -> str:
@@ -373,7 +384,7 @@ def command_key(index: int) -> str:
     return f"u{index}"
 
 
-def unbind_commands(orphans: Sequence[HandlerRow]) -> list[UnbindCommand]:
+def unbind_commands(orphans: Sequence[HandlerRow]) -> list[Command]:
     """One `event.unbind` per orphan online (event, handler) pair and per offline (event, connector).
 
     Online commands omit `auth_type` on purpose (SPEC §5 step 5): an admin token then removes
@@ -383,35 +394,27 @@ def unbind_commands(orphans: Sequence[HandlerRow]) -> list[UnbindCommand]:
     order their first row appeared; keys are `u0`, `u1`, ... over the whole list, so they stay
     unique when the caller cuts the list into batches of 50.
     """
-    groups: dict[tuple[bool, str, str], list[HandlerRow]] = {}
-    for row in orphans:
-        event = _event_key(row.event)
-        if row.offline:
-            group = (True, event, row.connector_id)
-        else:
-            if not row.handler:
-                raise ValueError("an online row without a handler cannot be unbound")
-            group = (False, event, row.handler)
-        groups.setdefault(group, []).append(row)
+    groups = dict.fromkeys(_unbind_group(row) for row in orphans)  # an ordered set
+    return [
+        Command(command_key(index), UNBIND_METHOD, MappingProxyType(_unbind_params(*group)))
+        for index, group in enumerate(groups)
+    ]
 
-    commands: list[UnbindCommand] = []
-    for index, ((offline, event, target), members) in enumerate(groups.items()):
-        params: dict[str, str]
-        if offline:
-            params = {"event": event, "event_type": _OFFLINE}
-            if target:
-                params["auth_connector"] = target
-            handler = None
-        else:
-            params = {"event": event, "handler": target}
-            handler = target
-        commands.append(
-            UnbindCommand(
-                key=command_key(index),
-                params=MappingProxyType(params),
-                rows=len(members),
-                event=event,
-                handler=handler,
-            )
-        )
-    return commands
+
+def _unbind_group(row: HandlerRow) -> tuple[bool, str, str]:
+    """What one `event.unbind` removes: an online (event, handler) pair, an offline (event, connector)."""
+    event = _event_key(row.event)
+    if row.offline:
+        return (True, event, row.connector_id)
+    if not row.handler:
+        raise ValueError("an online row without a handler cannot be unbound")
+    return (False, event, row.handler)
+
+
+def _unbind_params(offline: bool, event: str, target: str) -> dict[str, str]:
+    if not offline:
+        return {"event": event, "handler": target}
+    params = {"event": event, "event_type": _OFFLINE}
+    if target:
+        params["auth_connector"] = target
+    return params

@@ -58,7 +58,6 @@ class TokenKeeper:
         settle_seconds: float = DEFAULT_SETTLE_SECONDS,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
-        persist_renames: bool = True,
     ) -> None:
         self.store = store
         self.member_id = member_id
@@ -68,7 +67,6 @@ class TokenKeeper:
         self.settle_seconds = settle_seconds
         self.clock = clock
         self.sleep = sleep
-        self.persist_renames = persist_renames
         self.refreshed = 0  # OAuth calls made (SPEC §6 TokensRefreshed)
         self.fresh = False  # the current access token came from a refresh made just now
 
@@ -151,23 +149,6 @@ class TokenKeeper:
             raise RevokedError(
                 again.code, "refused by the OAuth server, also for the re-read token", method="oauth"
             ) from None
-
-    def follow_rename(self, client_endpoint: str) -> None:
-        """The portal answered 302: remember (and, unless a dry run, persist) its new address."""
-        if client_endpoint == self.record.client_endpoint:
-            return
-        log.info("portal %s moved; following the redirect to its new address", self.member_id)
-        self.record.set_client_endpoint(client_endpoint)
-        if self.persist_renames:
-            # Only the address changes, on a fresh read: a pair another writer stored meanwhile stays.
-            self.store.modify(self.member_id, lambda current: _moved(current, client_endpoint))
-
-
-def _moved(record: PortalRecord, client_endpoint: str) -> bool:
-    if record.client_endpoint == client_endpoint:
-        return False
-    record.set_client_endpoint(client_endpoint)
-    return True
 
 
 def persist(

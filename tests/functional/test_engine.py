@@ -332,6 +332,17 @@ def test_renamed_portal_is_followed_and_remembered(box: Sandbox) -> None:
     assert record.domain == "new-name.bitrix24.test"
 
 
+def test_a_dry_run_follows_a_renamed_portal_but_stores_no_new_address(box: Sandbox) -> None:
+    seeded = box.add_portal("was-here.bitrix24.test", handlers=_orphans(1))
+    before = box.record(seeded.member_id).data
+    seeded.portal.rename("is-there.bitrix24.test")
+
+    result = make_engine(box, dry_run=True).run(sweep_job(seeded))
+
+    assert result.outcome is Outcome.CLEANED and result.unbound == 1  # planned at the new address
+    assert box.record(seeded.member_id).data == before
+
+
 # --------------------------------------------------------------------------------------------- revoked
 
 

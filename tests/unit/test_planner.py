@@ -11,14 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from b24_cleanup.errors import ConfigError, InvalidDeclaredSet
+from b24_cleanup.commands import Command
+from b24_cleanup.errors import ConfigError, InvalidDeclaredSet, PermanentError
 from b24_cleanup.planner import (
     DeclaredHandler,
     DeclaredSet,
     HandlerRow,
+    Listing,
     Plan,
-    UnbindCommand,
     classify,
+    plan,
     plan_uninstall,
     unbind_commands,
 )
@@ -444,17 +446,67 @@ def test_plan_uninstall_orphans_everything() -> None:
     assert plan_uninstall([]) == Plan((), (), ())
 
 
+def test_plan_classifies_a_sweep_and_orphans_everything_for_an_uninstall() -> None:
+    rows = [online("ONCRMLEADADD", URL), online("ONCRMLEADADD", OLD_URL)]
+    entries = declared({"event": "ONCRMLEADADD", "handler": URL})
+    assert plan(rows, entries) == classify(rows, entries)
+    assert plan(rows, None) == plan_uninstall(rows)
+
+
+# --- reading event.get ---------------------------------------------------------------------------
+
+
+def test_listing_reads_rows_and_keeps_unreadable_items_aside() -> None:
+    items = [
+        {"event": "ONX", "handler": URL, "auth_type": "0", "offline": 0},
+        {"event": "ONX"},  # neither online nor offline
+        "not an object",
+        {"event": "ONY", "connector_id": "erp", "offline": 1},
+        {"handler": URL},  # no event
+    ]
+    listing = Listing.parse(items)
+    assert listing.rows == (online("ONX", URL), offline("ONY", "erp"))
+    assert listing.unreadable == ({"event": "ONX"}, "not an object", {"handler": URL})
+    assert listing.found == 5
+
+
+def test_listing_reads_a_php_array_with_gaps_sent_as_an_object() -> None:
+    listing = Listing.parse({"0": {"event": "ONX", "handler": URL}, "2": {"event": "ONY", "offline": 1}})
+    assert [row.event for row in listing.rows] == ["ONX", "ONY"]
+    assert Listing.parse([]) == Listing((), ())
+
+
+@pytest.mark.parametrize("answer", [None, "rows", 3, True])
+def test_listing_refuses_an_answer_that_is_not_a_list(answer: object) -> None:
+    with pytest.raises(PermanentError) as caught:
+        Listing.parse(answer)
+    assert (caught.value.code, caught.value.method) == ("BAD_ANSWER", "event.get")
+
+
 # --- unbind commands ---------------------------------------------------------------------------
+
+
+def _is_offline(command: Command) -> bool:
+    return command.params.get("event_type") == "offline"
+
+
+def _removes(command: Command, row: HandlerRow) -> bool:
+    """Whether `command` is the one that unbinds `row` (what the portal matches, SPEC §5 step 5)."""
+    if command.params["event"] != row.event.upper() or _is_offline(command) != row.offline:
+        return False
+    if row.offline:
+        return command.params.get("auth_connector", "") == row.connector_id
+    return command.params["handler"] == row.handler
 
 
 def test_online_pair_across_auth_types_is_one_command_without_auth_type() -> None:
     orphans = [online("ONX", OLD_URL, "0"), online("ONX", OLD_URL, "15"), online("ONX", OLD_URL, "0")]
     (command,) = unbind_commands(orphans)
+    assert command.method == "event.unbind"
     assert dict(command.params) == {"event": "ONX", "handler": OLD_URL}
     assert "auth_type" not in command.params
-    assert command.rows == 3
-    assert (command.event, command.handler) == ("ONX", OLD_URL)
-    assert not command.offline
+    assert all(_removes(command, row) for row in orphans)
+    assert not _is_offline(command)
 
 
 def test_offline_commands_group_per_connector() -> None:
@@ -465,8 +517,8 @@ def test_offline_commands_group_per_connector() -> None:
         {"event": "ONY", "event_type": "offline", "auth_connector": "erp"},
         {"event": "ONZ", "event_type": "offline", "auth_connector": "erp"},
     ]
-    assert [c.rows for c in commands] == [2, 1, 1]
-    assert all(c.handler is None and c.offline for c in commands)
+    assert [sum(_removes(c, row) for row in orphans) for c in commands] == [2, 1, 1]
+    assert all("handler" not in c.params and _is_offline(c) for c in commands)
 
 
 def test_commands_in_order_of_first_appearance_with_safe_keys() -> None:
@@ -478,7 +530,7 @@ def test_commands_in_order_of_first_appearance_with_safe_keys() -> None:
         online("ONB", URL),
     ]
     commands = unbind_commands(orphans)
-    assert [(c.event, c.handler, c.rows) for c in commands] == [
+    assert [(c.params["event"], c.params.get("handler"), sum(_removes(c, r) for r in orphans)) for c in commands] == [
         ("ONB", OLD_URL, 2),
         ("ONA", None, 1),
         ("ONA", OLD_URL, 1),
@@ -501,6 +553,8 @@ def test_params_are_strings_and_read_only() -> None:
     with pytest.raises(TypeError):
         command.params["event"] = "ONZ"  # type: ignore[index]
     assert isinstance(hash(command), int)
+    with pytest.raises(AttributeError):
+        command.key = "u1"  # type: ignore[misc]
 
 
 def test_batch_query_round_trips() -> None:
@@ -515,10 +569,9 @@ def test_no_orphans_no_commands() -> None:
     assert unbind_commands([]) == []
 
 
-def test_unbind_command_is_a_frozen_dataclass() -> None:
-    command = UnbindCommand(key="u0", params={"event": "ONX", "handler": URL}, rows=1, event="ONX", handler=URL)
-    with pytest.raises(AttributeError):
-        command.rows = 2  # type: ignore[misc]
+def test_an_online_row_without_a_handler_is_refused_not_guessed() -> None:
+    with pytest.raises(ValueError, match="without a handler"):
+        unbind_commands([HandlerRow("ONX", None, "0", False, "")])
 
 
 # --- properties --------------------------------------------------------------------------------
@@ -585,24 +638,24 @@ def test_unbind_command_properties(orphans: list[HandlerRow]) -> None:
     commands = unbind_commands(orphans)
 
     online_pairs = [(r.event.upper(), r.handler) for r in orphans if not r.offline]
-    online_commands = [(c.params["event"], c.params["handler"]) for c in commands if not c.offline]
+    online_commands = [(c.params["event"], c.params["handler"]) for c in commands if not _is_offline(c)]
     # every orphan online pair gets exactly one command, and no other command exists
     assert sorted(online_commands) == sorted(set(online_pairs))
     assert len(online_commands) == len(set(online_commands))
     # every offline (event, connector) group gets exactly one command; an empty connector is not sent
     offline_groups = [(r.event.upper(), r.connector_id) for r in orphans if r.offline]
-    offline_commands = [(c.params["event"], c.params.get("auth_connector", "")) for c in commands if c.offline]
+    offline_commands = [(c.params["event"], c.params.get("auth_connector", "")) for c in commands if _is_offline(c)]
     assert sorted(offline_commands) == sorted(set(offline_groups))
     for command in commands:
-        if command.offline:
+        if _is_offline(command):
             assert command.params["event_type"] == "offline"
             assert command.params.get("auth_connector", "x") != ""
             assert set(command.params) <= {"event", "event_type", "auth_connector"}
         else:
             assert set(command.params) == {"event", "handler"}
         assert all(isinstance(v, str) for v in command.params.values())
-    # every row is expected to be removed by exactly one command
-    assert sum(c.rows for c in commands) == len(orphans)
+    # every row is removed by exactly one command (a dry run counts the orphan rows as unbound)
+    assert all(sum(_removes(c, row) for c in commands) == 1 for row in orphans)
     # keys unique and never numeric
     keys = [c.key for c in commands]
     assert len(set(keys)) == len(keys)

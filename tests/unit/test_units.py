@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
@@ -295,55 +294,3 @@ def test_trusted_token_url_override_wins() -> None:
     assert trusted_token_url("https://evil.com/rest/", "http://127.0.0.1:1/oauth/token/") == (
         "http://127.0.0.1:1/oauth/token/"
     )
-
-
-# ------------------------------------------------------------------------------------------ client waits
-
-
-def _client(slept: list[float], now: float = 1000.0) -> Any:
-    from b24_cleanup.client import PortalClient
-
-    return PortalClient(
-        None,  # type: ignore[arg-type] - waiting needs no tokens
-        session=None,  # type: ignore[arg-type]
-        bucket=LeakyBucket(2.0, 50, sleep=slept.append),
-        backoff=Backoff(attempts=3, base=0.01, cap=0.02),
-        max_time_limit_wait=30.0,
-        sleep=slept.append,
-        clock=lambda: now,
-    )
-
-
-def test_operation_time_limit_waits_until_the_method_unblocks() -> None:
-    slept: list[float] = []
-    error = TransientError("OPERATION_TIME_LIMIT", status=429, method="event.unbind")
-    error.operating_reset_at = 1012.0
-    _client(slept)._wait_or_raise(error, attempt=1)
-    assert slept == [12.0]
-
-
-def test_operation_time_limit_too_far_away_fails_the_job_now() -> None:
-    slept: list[float] = []
-    error = TransientError("OPERATION_TIME_LIMIT", status=429)
-    error.operating_reset_at = 1000.0 + 600
-    with pytest.raises(TransientError):
-        _client(slept)._wait_or_raise(error, attempt=1)
-    assert slept == []
-
-
-def test_overload_limit_and_permanent_errors_are_not_retried() -> None:
-    slept: list[float] = []
-    for error in (TransientError("OVERLOAD_LIMIT", status=503), PermanentError("ACCESS_DENIED", status=403)):
-        with pytest.raises(type(error)):
-            _client(slept)._wait_or_raise(error, attempt=1)
-    assert slept == []
-
-
-def test_rate_limit_backs_off_counts_and_saturates_the_bucket() -> None:
-    slept: list[float] = []
-    client = _client(slept)
-    client._wait_or_raise(RateLimitedError("QUERY_LIMIT_EXCEEDED", status=503), attempt=1)
-    assert client.stats.rate_limited == 1
-    assert len(slept) == 1 and 0.005 <= slept[0] <= 0.01
-    with pytest.raises(RateLimitedError):  # attempts are bounded
-        client._wait_or_raise(RateLimitedError("QUERY_LIMIT_EXCEEDED", status=503), attempt=3)

@@ -208,12 +208,6 @@ class Portal:
             inst = self._installs.get(app.client_id)
             return bool(inst and inst.installed)
 
-    def bucket_level(self) -> float:
-        """The leaky bucket's current level (requests counted and not yet drained)."""
-        with self._state.lock:
-            rate, _ = self._limits()
-            return max(0.0, self._level - (time.monotonic() - self._level_at) * rate)
-
     # -- fault injection ---------------------------------------------------------------------
     def fail_next(
         self,
@@ -248,11 +242,6 @@ class Portal:
         """
         with self._state.lock:
             self._fail_commands.append(_FailCommand(match, code, status or _status_for(code, 400), times))
-
-    def clear_faults(self) -> None:
-        with self._state.lock:
-            self._fail_next.clear()
-            self._fail_commands.clear()
 
     # -- portal life -------------------------------------------------------------------------
     def rename(self, new_domain: str) -> None:
