@@ -108,13 +108,6 @@ class PortalRecord:
 
 
 def domain_of(client_endpoint: str) -> str:
-    """The portal's domain for a `client_endpoint`.
-
-    A real endpoint is `https://<domain>/rest/`. Behind a path prefix (the emulator serves many
-    portals as `http://127.0.0.1:PORT/<domain>/rest/`) the segment before `rest/` names the portal.
-    """
-    parts = urlsplit(client_endpoint)
-    segments = [s for s in parts.path.split("/") if s]
-    if len(segments) >= 2 and segments[-1] == "rest":
-        return segments[-2]
-    return parts.hostname or ""
+    """The portal's domain for a `client_endpoint`: its host (SPEC §3, §9), e.g.
+    `https://example.bitrix24.com/rest/` → `example.bitrix24.com`."""
+    return urlsplit(client_endpoint).hostname or ""

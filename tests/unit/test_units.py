@@ -172,7 +172,9 @@ def test_record_rejects_non_objects() -> None:
     ("endpoint", "domain"),
     [
         ("https://example.bitrix24.com/rest/", "example.bitrix24.com"),
-        ("http://127.0.0.1:8080/acme.bitrix24.test/rest/", "acme.bitrix24.test"),
+        ("http://127.0.0.5:8080/rest/", "127.0.0.5"),
+        # No path segment names a portal: only the host does.
+        ("http://127.0.0.1:8080/acme.bitrix24.test/rest/", "127.0.0.1"),
         ("https://example.bitrix24.com/", "example.bitrix24.com"),
     ],
 )

@@ -1,7 +1,9 @@
 """The project's Bitrix24 emulator: portals, the OAuth server, rate limits and fault injection.
 
 Used by the integration tests, `b24-cleanup demo`, `b24-cleanup emulator` and the benchmarks.
-`State` (in :mod:`.state`) is the HTTP-free model; `Emulator` serves it on loopback.
+`State` (in :mod:`.state`) is the HTTP-free model; `Emulator` serves it on loopback, every portal
+at its own loopback address (:mod:`.server`); `portal.hostile` / `Emulator.oauth_hostile` make a
+host drip, stall, flood, redirect elsewhere or downgrade https to http (:mod:`.hostile`).
 
 Where the reference is silent, the emulator chooses (and the tests pin):
 - a non-admin's `event.bind` without `auth_type` stores his own user id, an admin's stores 0
@@ -17,9 +19,11 @@ Where the reference is silent, the emulator chooses (and the tests pin):
 - the token URL answers GET only (405 otherwise); a refresh token is spent at once, no grace;
 - ONAPPUNINSTALL is posted without `event_handler_id` (unconfirmed in the reference) and only
   after the rows are deleted and the tokens revoked;
-- `batch` does not emulate `$result[...]` chaining; unknown portals answer 404 PORTAL_NOT_FOUND.
+- `batch` does not emulate `$result[...]` chaining; an address no portal was given refuses
+  connections (nothing listens there).
 """
 
+from .hostile import Hostility
 from .models import ApiError, App, Installation, LogEntry, TokenPair
 from .serve import DemoSeed, seed_demo, serve_forever
 from .server import Emulator
@@ -31,6 +35,7 @@ __all__ = [
     "App",
     "DemoSeed",
     "Emulator",
+    "Hostility",
     "Installation",
     "LogEntry",
     "Portal",

@@ -177,7 +177,7 @@ class LogEntry:
     """One HTTP request the emulator received. Holds names, never token values."""
 
     ts: float
-    kind: str  # "rest" | "oauth" | "control"
+    kind: str  # "rest" | "oauth" | "control" | "foreign" | "other"
     member_id: str | None
     domain: str | None
     method: str | None
@@ -188,6 +188,10 @@ class LogEntry:
     client_id: str | None = None
     user_id: int | None = None
     duration: float = 0.0
+    host: str | None = None  # the loopback address the request arrived on
+    scheme: str = "http"  # how it arrived: "https" only over TLS
+    hostile: str | None = None  # the hostile mode that shaped the answer (see .hostile)
+    auth_seen: bool = False  # a token (or, at a foreign host, a secret) came with the request
 
 
 @dataclass

@@ -52,8 +52,9 @@ def serve_forever(
     out: Callable[[str], object] = print,
     stop: threading.Event | None = None,
 ) -> None:
-    """Start an emulator on 127.0.0.1:`port`, optionally seed it, print where things are, and
-    block until Ctrl-C (or until `stop` is set, for tests and embedding)."""
+    """Start an emulator on 127.0.0.1:`port` (portals on 127.0.0.2, 127.0.0.3, … on the same port),
+    optionally seed it, print where things are, and block until Ctrl-C (or until `stop` is set, for
+    tests and embedding)."""
     emulator = Emulator(port=port).start()
     try:
         out(f"Bitrix24 emulator listening on {emulator.base_url}")
@@ -65,7 +66,7 @@ def serve_forever(
             out(f"  app credentials: GET {emulator.base_url}/_emulator/apps/{seed.app.client_id}")
             for inst in seed.installations:
                 portal = inst.portal
-                out(f"  portal {portal.domain}: member_id={portal.member_id}")
+                out(f"  portal {portal.name} at {portal.domain}: member_id={portal.member_id}")
                 out(f"    client_endpoint: {portal.client_endpoint}")
                 out(f"    record: GET {emulator.base_url}/_emulator/records/{portal.member_id}")
             out(

@@ -1,72 +1,133 @@
 """The HTTP face of the emulator and the `Emulator` facade that tests, the demo and the CLI use.
 
-Addressing (fixed, the rest of the project relies on it):
-- `{base_url}/{domain}/rest/{method}[.json]` — a portal's REST endpoint (`client_endpoint`);
-- `{base_url}/oauth/token/` — the OAuth server's token URL (`oauth_url`);
-- `{base_url}/rest/` — the OAuth server's `server_endpoint` (nothing is served under it);
-- `{base_url}/_emulator/...` — read-only helpers for local development (records, credentials).
+Addressing: every host is its own loopback address, all on one port (127.0.0.0/8 is loopback on
+Linux; only loopback addresses are ever bound, never 0.0.0.0):
+- `{scheme}://127.0.0.1:{port}` — the OAuth server: `/oauth/token/` (`oauth_url`), `/rest/` (its
+  `server_endpoint`, nothing is served under it) and `/_emulator/...` (read-only helpers for local
+  development: records, credentials);
+- `{scheme}://127.0.0.N:{port}/rest/{method}[.json]` — one portal per address (`client_endpoint`),
+  identified by the address the connection arrived on; a renamed portal moves to a new address and
+  its old one answers 302 there;
+- foreign hosts (:meth:`Emulator.foreign_host`) — addresses of no portal, where hostile redirects
+  point; they log what arrives and answer a plausible success.
 
-The standard library's threaded server is enough: every request gets a daemon thread, and the
-state lock is never held while a request sleeps (latency, injected timeouts).
+With `tls=True` every address serves https (a certificate per address, signed by a CA made at
+start: `Emulator.ca_file`) *and* plain http on the same port — the first byte of a connection says
+which (a TLS handshake starts with 0x16) — so that an https → http downgrade can be followed.
+
+One thread per connection (daemon), a selector over the listening sockets; the state lock is never
+held while a request sleeps (latency, injected timeouts, hostile modes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import re
+import select
+import selectors
 import socket
-import socketserver
+import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from . import payloads, phpform
-from .models import ApiError, App, Installation, LogEntry, Reply, TokenPair
+from .hostile import Hostility, Plan
+from .models import ApiError, App, Installation, LogEntry, Reply, TokenPair, time_block
 from .state import Portal, State
+from .tls import Certificates
 
-_REST_PATH_RE = re.compile(r"^/([^/]+)/rest/([^/]*)$")
+_REST_PATH_RE = re.compile(r"^/rest/([^/]*)$")
 _MAX_BODY = 16 * 1024 * 1024
+_HANDSHAKE_TIMEOUT = 5.0
+_CHUNK = 64 * 1024
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256
+class _Server:
+    """Listening sockets on loopback addresses, all on one port; a daemon thread per connection."""
 
-    def __init__(self, address: tuple[str, int], emulator: Emulator) -> None:
+    def __init__(self, emulator: Emulator, address: str, port: int, certs: Certificates | None) -> None:
         self.emulator = emulator
+        self.certs = certs
+        self.port = port
+        self.stopping = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        self._listeners: dict[str, socket.socket] = {}
+        self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        self.listen(address)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can stall
-        # for seconds on a machine without network. The name is never used here.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
+    def listen(self, host: str) -> None:
+        """Serve `host` too (a loopback address) on the emulator's port."""
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"the emulator binds loopback addresses only, not {host}")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, self.port))
+            sock.listen(256)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        with self._lock:
+            self._listeners[host] = sock
+            self._selector.register(sock, selectors.EVENT_READ)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._open_lock:
-            self._open.add(request)
-        super().process_request(request, client_address)
+    def serve_forever(self) -> None:
+        while not self.stopping.is_set():
+            for key, _ in self._selector.select(timeout=0.05):
+                listener: socket.socket = key.fileobj  # type: ignore[assignment]
+                try:
+                    conn, addr = listener.accept()
+                except (BlockingIOError, OSError):
+                    continue
+                conn.setblocking(True)
+                with self._lock:
+                    self._open.add(conn)
+                threading.Thread(target=self._connection, args=(conn, addr), daemon=True).start()
 
-    def shutdown_request(self, request: Any) -> None:
-        with self._open_lock:
-            self._open.discard(request)
-        super().shutdown_request(request)
+    def _connection(self, conn: socket.socket, addr: Any) -> None:
+        sock: socket.socket = conn
+        try:
+            if self.certs is not None:
+                conn.settimeout(_HANDSHAKE_TIMEOUT)
+                if conn.recv(1, socket.MSG_PEEK) == b"\x16":
+                    sock = self.certs.context(conn.getsockname()[0]).wrap_socket(conn, server_side=True)
+            _Handler(sock, addr, self)  # type: ignore[arg-type]  # the handler needs only what _Server has
+        except (OSError, ssl.SSLError, ValueError):
+            pass  # the client went away or spoke neither HTTP nor TLS; nothing to answer to
+        finally:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+            with self._lock:
+                self._open.discard(conn)
 
     def drop_connections(self) -> None:
         """Close kept-alive connections so that a stopped emulator answers nothing any more."""
-        with self._open_lock:
+        with self._lock:
             sockets = list(self._open)
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self) -> None:
+        with self._lock:
+            listeners = list(self._listeners.values())
+            self._listeners.clear()
+        for sock in listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+            sock.close()
+        self._selector.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -76,7 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "b24-emulator"
     timeout = 60  # an idle kept-alive connection is closed after this
-    server: _Server
+    server: _Server  # type: ignore[assignment]
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silent: the default access log would print query strings, which may carry tokens."""
@@ -96,24 +157,60 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._handle()
 
+    # -- where the request arrived ---------------------------------------------------------
+    @property
+    def _host(self) -> str:
+        return str(self.connection.getsockname()[0])
+
+    @property
+    def _tls(self) -> bool:
+        return isinstance(self.connection, ssl.SSLSocket)
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self._tls else "http"
+
     # -- request handling --------------------------------------------------------------------
     def _handle(self) -> None:
         state = self.server.emulator.state
         ts, t0 = time.time(), time.perf_counter()
+        host = self._host
+        plan: Plan | None = None
         try:
-            kind, reply = self._route(state)
+            kind = state.host_kind(host)
+            if kind == "portal":
+                kind, reply, plan = self._portal(state, host)
+            elif kind == "oauth":
+                kind, reply, plan = self._oauth_host(state)
+            else:
+                kind, reply = "foreign", self._foreign(state)
         except Exception:  # an emulator bug must still answer, never hang the client
             kind, reply = "other", Reply.error(ApiError("INTERNAL_SERVER_ERROR", "Emulator failure", 500))
+        reply.log.setdefault("host", host)
+        reply.log["scheme"] = self._scheme
+        if plan is not None:
+            reply.log["hostile"] = plan.mode
         if reply.drop_after is not None:
             state.record(kind, reply, ts, time.perf_counter() - t0, status=0)
-            time.sleep(reply.drop_after)
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
+            self._wait(reply.drop_after)
+            self._drop()
+            return
+        if plan is not None and plan.mode == "stall":
+            # Never answered (or only late): logged with status 0 if it never will be.
+            state.record(kind, reply, ts, time.perf_counter() - t0, status=0 if plan.delay is None else None)
+            if not self._wait(plan.delay):
+                self._drop()
+                return
+            self._send(reply)
             return
         # Logged before answering, so that a client that has its answer also finds the entry.
         state.record(kind, reply, ts, time.perf_counter() - t0)
-        self._send(reply)
+        if plan is not None and plan.mode == "drip":
+            self._send_drip(reply, plan.interval)
+        elif plan is not None and plan.mode == "huge":
+            self._send_huge(reply, plan.size, plan.declare_length)
+        else:
+            self._send(reply)
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -121,30 +218,86 @@ class _Handler(BaseHTTPRequestHandler):
             raise ValueError("body too large")
         return self.rfile.read(length) if length else b""
 
-    def _route(self, state: State) -> tuple[str, Reply]:
+    def _take_plan(self, hostility: Hostility) -> Plan | None:
+        plan = hostility.take()
+        if plan is not None and plan.mode == "downgrade" and not self._tls:
+            return None  # already on http: the downgraded request is served as usual (and logged so)
+        return plan
+
+    def _hostile_reply(self, plan: Plan, log: dict[str, Any]) -> Reply | None:
+        """The answer of a mode that does not execute the request, or None."""
+        state = self.server.emulator.state
+        url = urlsplit(self.path)
+        if plan.mode == "redirect":
+            target = plan.location or self.server.emulator.foreign_endpoint()
+            if target.endswith("/"):
+                target += url.path.rsplit("/", 1)[-1] + (f"?{url.query}" if url.query else "")
+            return _redirect(target, log)
+        if plan.mode == "downgrade":
+            return _redirect(f"http://{self._host}:{state.port}{self.path}", log)
+        if plan.mode == "stall" and not plan.execute:
+            return Reply(0, log=dict(log))
+        return None
+
+    def _portal(self, state: State, host: str) -> tuple[str, Reply, Plan | None]:
         url = urlsplit(self.path)
         body = self._read_body()
-        if url.path in ("/oauth/token/", "/oauth/token"):
-            if state.latency:
-                time.sleep(state.latency)
-            query = dict(parse_qsl(url.query, keep_blank_values=True))
-            return "oauth", state.oauth(self.command, query)
-        if url.path.startswith("/_emulator/"):
-            return "control", self._control(url.path, url.query)
+        portal = state.portal_at(host)
+        plan = self._take_plan(portal.hostile) if portal is not None else None
+        log: dict[str, Any] = {"domain": host, "member_id": portal.member_id if portal else None}
         match = _REST_PATH_RE.match(url.path)
         if match is None:
-            return "other", Reply(404, {"error": "NOT_FOUND", "error_description": "No such endpoint"})
-        domain, tail = unquote(match.group(1)), unquote(match.group(2))
+            return "rest", Reply(404, {"error": "NOT_FOUND", "error_description": "No such endpoint"}, log=log), plan
+        tail = unquote(match.group(1))
+        log["method"] = tail.lower() or None
+        if plan is not None:
+            early = self._hostile_reply(plan, log)
+            if early is not None:
+                return "rest", early, plan
         try:
             params = self._params(url.query, body)
         except ValueError as exc:
             err = ApiError("INVALID_REQUEST", str(exc), 400)
-            return "rest", Reply.error(err, domain=domain, method=tail.lower() or None)
+            return "rest", Reply.error(err, **log), plan
         auth = self._auth(params)
-        delay = state.delay_for(domain)
+        delay = state.delay_for(host)
         if delay > 0:
             time.sleep(delay)  # outside the state lock: concurrent portals overlap
-        return "rest", state.rest(domain, tail, url.query, params, auth)
+        reply = state.rest(host, tail, url.query, params, auth)
+        reply.log["auth_seen"] = auth is not None
+        return "rest", reply, plan
+
+    def _oauth_host(self, state: State) -> tuple[str, Reply, Plan | None]:
+        url = urlsplit(self.path)
+        self._read_body()  # drained, so that a kept-alive connection stays in step
+        if url.path in ("/oauth/token/", "/oauth/token"):
+            plan = self._take_plan(self.server.emulator.oauth_hostile)
+            if plan is not None:
+                early = self._hostile_reply(plan, {"method": "oauth"})
+                if early is not None:
+                    return "oauth", early, plan
+            if state.latency:
+                time.sleep(state.latency)
+            query = dict(parse_qsl(url.query, keep_blank_values=True))
+            return "oauth", state.oauth(self.command, query), plan
+        if url.path.startswith("/_emulator/"):
+            return "control", self._control(url.path, url.query), None
+        return "other", Reply(404, {"error": "NOT_FOUND", "error_description": "No such endpoint"}), None
+
+    def _foreign(self, state: State) -> Reply:
+        """An unfriendly host: logs what arrived (names only) and answers a plausible success."""
+        url = urlsplit(self.path)
+        try:
+            body = self._read_body()
+            params = self._params(url.query, body)
+        except ValueError:
+            params = {}
+        auth = self._auth(params)
+        keys = sorted(str(k) for k in params)
+        log: dict[str, Any] = {"method": url.path.rsplit("/", 1)[-1].lower() or None, "params_keys": keys}
+        log["auth_seen"] = auth is not None or "client_secret" in params or "refresh_token" in params
+        now = time.time()
+        return Reply(200, {"result": [], "time": time_block(now, now)}, log=log)
 
     def _params(self, query: str, body: bytes) -> dict[str, Any]:
         """Query string, then the body (JSON or form) on top, as PHP's `$_REQUEST` would merge."""
@@ -185,7 +338,12 @@ class _Handler(BaseHTTPRequestHandler):
         args = dict(parse_qsl(query))
         if self.command == "GET" and parts == ["portals"]:
             listing = [
-                {"member_id": p.member_id, "domain": p.domain, "client_endpoint": p.client_endpoint}
+                {
+                    "member_id": p.member_id,
+                    "name": p.name,
+                    "domain": p.domain,
+                    "client_endpoint": p.client_endpoint,
+                }
                 for p in emulator.portals
             ]
             return Reply(200, listing)
@@ -201,28 +359,101 @@ class _Handler(BaseHTTPRequestHandler):
             return Reply(200, {"client_id": app.client_id, "client_secret": app.client_secret})
         return Reply(404, {"error": "NOT_FOUND", "error_description": "No such endpoint"})
 
-    def _send(self, reply: Reply) -> None:
+    # -- answering -----------------------------------------------------------------------------
+    def _payload(self, reply: Reply) -> tuple[bytes, str]:
         if reply.text is not None:
-            payload, ctype = reply.text.encode(), "text/html; charset=utf-8"
+            return reply.text.encode(), "text/html; charset=utf-8"
+        return json.dumps(reply.body, ensure_ascii=False).encode(), "application/json; charset=utf-8"
+
+    def _head(self, reply: Reply, ctype: str, length: int | None) -> bytes:
+        """Status line and headers as bytes (not yet written)."""
+        self.send_response(reply.status)
+        self.send_header("Content-Type", ctype)
+        if length is None:
+            self.send_header("Connection", "close")
         else:
-            payload, ctype = json.dumps(reply.body, ensure_ascii=False).encode(), "application/json; charset=utf-8"
+            self.send_header("Content-Length", str(length))
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        buffered: list[bytes] = getattr(self, "_headers_buffer", [])
+        self._headers_buffer: list[bytes] = []
+        return b"".join(buffered) + b"\r\n"
+
+    def _send(self, reply: Reply) -> None:
+        payload, ctype = self._payload(reply)
         try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(payload)))
-            for name, value in reply.headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
+            self.wfile.write(self._head(reply, ctype, len(payload)) + payload)
         except OSError:
             self.close_connection = True  # the client went away; nothing to answer to
 
+    def _send_drip(self, reply: Reply, interval: float) -> None:
+        payload, ctype = self._payload(reply)
+        data = self._head(reply, ctype, len(payload)) + payload
+        try:
+            for i in range(len(data)):
+                if i and self.server.stopping.wait(interval):
+                    break
+                self.wfile.write(data[i : i + 1])
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _send_huge(self, reply: Reply, size: int, declare_length: bool) -> None:
+        payload, ctype = self._payload(reply)
+        if reply.text is None and payload.endswith(b"}"):
+            prefix, suffix = payload[:-1] + b',"padding":"', b'"}'
+        else:
+            prefix, suffix = payload, b""
+        pad = max(0, size - len(prefix) - len(suffix))
+        block = b"x" * _CHUNK
+        try:
+            self.wfile.write(self._head(reply, ctype, len(prefix) + pad + len(suffix) if declare_length else None))
+            self.wfile.write(prefix)
+            while pad > 0 and not self.server.stopping.is_set():
+                piece = block[: min(pad, _CHUNK)]
+                self.wfile.write(piece)
+                pad -= len(piece)
+            self.wfile.write(suffix)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _wait(self, seconds: float | None) -> bool:
+        """Hold the connection for `seconds` (None: until the client goes or the emulator stops).
+
+        True if the time ran out with the client still there.
+        """
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while not self.server.stopping.is_set():
+            step = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if step <= 0:
+                return True
+            try:
+                readable, _, _ = select.select([self.connection], [], [], step)
+            except (OSError, ValueError):
+                return False
+            if readable:
+                return False  # the client closed (or sent more): stop holding
+        return False
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _redirect(location: str, log: dict[str, Any]) -> Reply:
+    page = f"<html><body>302 Found: {location.split('?', 1)[0]}</body></html>"
+    return Reply(302, headers={"Location": location}, text=page, log=dict(log))
+
 
 class Emulator:
-    """Bitrix24 portals and the OAuth server on one loopback port.
+    """Bitrix24 portals and the OAuth server, each at its own loopback address, on one port.
 
-    The socket is bound at construction (so `base_url` and every `client_endpoint` are known
-    before `start()`); `start()` begins serving in a daemon thread.
+    The sockets are bound at construction and as portals are added (so `base_url` and every
+    `client_endpoint` are known before `start()`); `start()` begins serving in a daemon thread.
+    `tls=True`: https everywhere (plain http is still answered on the same port); trust
+    `ca_file`.
     """
 
     def __init__(
@@ -237,7 +468,9 @@ class Emulator:
         port: int = 0,
         host: str = "127.0.0.1",
         timeout_delay: float = 1.0,
+        tls: bool = False,
     ) -> None:
+        self._certs = Certificates() if tls else None
         self.state = State(
             latency=latency,
             rate=rate,
@@ -246,21 +479,24 @@ class Emulator:
             access_ttl=access_ttl,
             uninstalled_refresh_error=uninstalled_refresh_error,
             timeout_delay=timeout_delay,
+            oauth_address=host,
+            scheme="https" if tls else "http",
         )
-        self._httpd = _Server((host, port), self)
-        self.state.base_url = f"http://{host}:{self._httpd.server_port}"
+        self.oauth_hostile = Hostility()
+        self._httpd = _Server(self, host, port, self._certs)
+        self.state.port = self._httpd.port
+        self.state.on_new_host = self._httpd.listen
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._installations: dict[tuple[str, str], Installation] = {}
+        self._foreign: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Emulator:
         if self._stopped:
             raise RuntimeError("a stopped emulator cannot be restarted; create a new one")
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="b24-emulator", daemon=True
-            )
+            self._thread = threading.Thread(target=self._httpd.serve_forever, name="b24-emulator", daemon=True)
             self._thread.start()
         return self
 
@@ -268,11 +504,13 @@ class Emulator:
         if self._stopped:
             return
         self._stopped = True
+        self._httpd.stopping.set()
         if self._thread is not None:
-            self._httpd.shutdown()
             self._thread.join(timeout=5)
         self._httpd.drop_connections()
         self._httpd.server_close()
+        if self._certs is not None:
+            self._certs.close()
 
     def __enter__(self) -> Emulator:
         return self.start()
@@ -285,7 +523,30 @@ class Emulator:
     # -- addresses ---------------------------------------------------------------------------
     @property
     def port(self) -> int:
-        return self._httpd.server_port
+        return self._httpd.port
+
+    @property
+    def scheme(self) -> str:
+        return self.state.scheme
+
+    @property
+    def ca_file(self) -> str | None:
+        """The CA certificate (PEM) that signed every address's certificate (`tls=True` only)."""
+        return self._certs.ca_file if self._certs is not None else None
+
+    def foreign_host(self, *, new: bool = False) -> str:
+        """A loopback address of no portal (the 'other host' of hostile redirects); the same one
+        each call unless `new`."""
+        if new or self._foreign is None:
+            host = self.state.new_foreign_host()
+            if self._foreign is None:
+                self._foreign = host
+            return host
+        return self._foreign
+
+    def foreign_endpoint(self, *, new: bool = False) -> str:
+        """`{scheme}://{foreign host}:{port}/rest/`."""
+        return f"{self.scheme}://{self.foreign_host(new=new)}:{self.port}/rest/"
 
     @property
     def base_url(self) -> str:
@@ -347,18 +608,19 @@ class Emulator:
 
     def add_portal(
         self,
-        domain: str,
+        name: str,
         member_id: str | None = None,
         *,
         users: dict[int, bool] | None = None,
         rate: float | None = None,
         burst: int | None = None,
     ) -> Portal:
-        """A portal; `users` maps user id → is admin (default `{1: True, 2: False}`)."""
-        return self.state.add_portal(domain, member_id, users=users, rate=rate, burst=burst)
+        """A portal at a new loopback address; `name` is its label (e.g. `acme.bitrix24.test`),
+        `users` maps user id → is admin (default `{1: True, 2: False}`)."""
+        return self.state.add_portal(name, member_id, users=users, rate=rate, burst=burst)
 
     def portal(self, key: str) -> Portal:
-        """A portal by member_id or domain (old domains of renamed portals too)."""
+        """A portal by member_id, name or host (old names and hosts of renamed portals too)."""
         return self.state.portal(key)
 
     @property

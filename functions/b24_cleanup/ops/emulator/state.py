@@ -16,6 +16,7 @@ Token rules (reference §7, §11):
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import random
 import threading
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import methods
+from .hostile import Hostility
 from .models import (
     STATUSES,
     ApiError,
@@ -132,22 +134,30 @@ def _injected(code: str, status: int) -> ApiError:
 class Portal:
     """One Bitrix24 portal: its users, handler rows, installations, rate bucket and faults.
 
+    A portal lives at its own loopback address (`host`), as a real one lives at its own domain:
+    `client_endpoint` is `{scheme}://{host}:{port}/rest/` and `domain` (what a record stores) is
+    that host. `name` is the label it was created with (e.g. `acme.bitrix24.test`), for people.
+
     Tunable attributes (plain, set them any time): `users` (user id → is admin), `latency`
     (seconds added to each request), `rate`/`burst` (None: the emulator's), `refuse_batch`,
-    `license_auth_connector`, `deleted` (every request answers PORTAL_DELETED).
+    `license_auth_connector`, `deleted` (every request answers PORTAL_DELETED); `hostile` (see
+    :mod:`.hostile`) for what an unfriendly host does on the wire.
     """
 
     def __init__(
         self,
         state: State,
-        domain: str,
+        name: str,
+        host: str,
         member_id: str,
         users: dict[int, bool],
         rate: float | None,
         burst: int | None,
     ) -> None:
         self._state = state
-        self._domain = domain
+        self._name = name
+        self._host = host
+        self.hostile = Hostility()
         self.member_id = member_id
         self.users: dict[int, bool] = dict(users)
         self.rate = rate
@@ -165,16 +175,26 @@ class Portal:
         self._fail_commands: list[_FailCommand] = []
 
     def __repr__(self) -> str:
-        return f"Portal(domain={self._domain!r}, member_id={self.member_id!r})"
+        return f"Portal(name={self._name!r}, host={self._host!r}, member_id={self.member_id!r})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def host(self) -> str:
+        """The loopback address the portal answers on now (a rename moves it)."""
+        return self._host
 
     @property
     def domain(self) -> str:
-        return self._domain
+        """The host of `client_endpoint`, as SPEC §3 and §9 say a record's `domain` is."""
+        return self._host
 
     @property
     def client_endpoint(self) -> str:
-        """`{base_url}/{domain}/rest/`, following renames."""
-        return f"{self._state.base_url}/{self._domain}/rest/"
+        """`{scheme}://{host}:{port}/rest/`, following renames."""
+        return f"{self._state.scheme}://{self._host}:{self._state.port}/rest/"
 
     # -- seeding and inspection (no HTTP, no permission checks) ------------------------------
     def bind(
@@ -244,9 +264,9 @@ class Portal:
             self._fail_commands.append(_FailCommand(match, code, status or _status_for(code, 400), times))
 
     # -- portal life -------------------------------------------------------------------------
-    def rename(self, new_domain: str) -> None:
-        """The portal moves: its old address answers 302 to the new one (reference §8)."""
-        self._state._rename(self, new_domain)
+    def rename(self, new_name: str) -> None:
+        """The portal moves to a new host: its old address answers 302 to the new one (reference §8)."""
+        self._state._rename(self, new_name)
 
     def expire_tokens(self, app: App) -> None:
         """Every access token of `app` on this portal is expired from now on."""
@@ -326,11 +346,18 @@ class State:
         rate_limit: bool = True,
         access_ttl: int = 3600,
         uninstalled_refresh_error: str = "invalid_grant",
-        base_url: str = "http://127.0.0.1:0",
+        oauth_address: str = "127.0.0.1",
+        port: int = 0,
+        scheme: str = "http",
         timeout_delay: float = 1.0,
     ) -> None:
         self.lock = threading.RLock()
-        self.base_url = base_url
+        self.oauth_address = oauth_address
+        self.port = port
+        self.scheme = scheme
+        # Called with each newly allocated address, so that the HTTP layer listens on it.
+        self.on_new_host: Callable[[str], None] = lambda _host: None
+        self._next_host = int(ipaddress.IPv4Address(oauth_address)) + 1
         self.latency = latency
         self.rate = rate
         self.burst = burst
@@ -340,7 +367,9 @@ class State:
         self.timeout_delay = timeout_delay
         self.apps: dict[str, App] = {}
         self.portals: dict[str, Portal] = {}  # by member_id
-        self._by_domain: dict[str, Portal] = {}  # current domains and old ones (renames)
+        self._by_name: dict[str, Portal] = {}  # current names and old ones (renames)
+        self._by_host: dict[str, Portal] = {}  # current hosts and old ones (renames: 302)
+        self.foreign_hosts: list[str] = []
         self._access: dict[str, _Access] = {}
         self._refresh: dict[str, _Refresh] = {}
         self._chains: dict[int, TokenPair] = {}
@@ -354,12 +383,55 @@ class State:
 
     # -- endpoints ---------------------------------------------------------------------------
     @property
+    def base_url(self) -> str:
+        """The OAuth server's address (also where the `_emulator/` helpers are)."""
+        return f"{self.scheme}://{self.oauth_address}:{self.port}"
+
+    @property
     def server_endpoint(self) -> str:
         return f"{self.base_url}/rest/"
 
     @property
     def oauth_host(self) -> str:
-        return self.base_url.split("://", 1)[-1]
+        return f"{self.oauth_address}:{self.port}"
+
+    def allocate_host(self) -> str:
+        """The next unused loopback address (127.0.0.0/8 is all loopback on Linux)."""
+        with self.lock:
+            while True:
+                candidate = ipaddress.IPv4Address(self._next_host)
+                self._next_host += 1
+                if candidate not in _LOOPBACK:
+                    raise RuntimeError("out of loopback addresses")
+                if candidate.packed[-1] in (0, 255):  # no network/broadcast look-alikes
+                    continue
+                try:
+                    self.on_new_host(str(candidate))
+                except OSError:
+                    continue  # someone else holds this address on our port: take the next
+                return str(candidate)
+
+    def new_foreign_host(self) -> str:
+        """A loopback address that belongs to no portal: the 'other host' of hostile redirects."""
+        host = self.allocate_host()
+        with self.lock:
+            self.foreign_hosts.append(host)
+        return host
+
+    def host_kind(self, host: str) -> str:
+        """What answers on `host`: "oauth", "portal", "foreign" or "none"."""
+        with self.lock:
+            if host == self.oauth_address:
+                return "oauth"
+            if host in self._by_host:
+                return "portal"
+            if host in self.foreign_hosts:
+                return "foreign"
+            return "none"
+
+    def portal_at(self, host: str) -> Portal | None:
+        with self.lock:
+            return self._by_host.get(host)
 
     # -- registry ----------------------------------------------------------------------------
     def add_app(
@@ -374,41 +446,48 @@ class State:
 
     def add_portal(
         self,
-        domain: str,
+        name: str,
         member_id: str | None = None,
         *,
         users: dict[int, bool] | None = None,
         rate: float | None = None,
         burst: int | None = None,
     ) -> Portal:
-        _check_domain(domain)
+        _check_name(name)
         member_id = member_id or new_member_id()
-        portal = Portal(self, domain, member_id, users if users is not None else {1: True, 2: False}, rate, burst)
         with self.lock:
             if member_id in self.portals:
                 raise ValueError(f"a portal with member_id {member_id} exists already")
-            if domain in self._by_domain:
-                raise ValueError(f"domain {domain} is taken")
+            if name in self._by_name:
+                raise ValueError(f"portal name {name} is taken")
+            host = self.allocate_host()
+            portal = Portal(
+                self, name, host, member_id, users if users is not None else {1: True, 2: False}, rate, burst
+            )
             self.portals[member_id] = portal
-            self._by_domain[domain] = portal
+            self._by_name[name] = portal
+            self._by_host[host] = portal
         return portal
 
     def portal(self, key: str) -> Portal:
-        """A portal by member_id or by (current or old) domain."""
+        """A portal by member_id, by (current or old) name or by (current or old) host."""
         with self.lock:
-            found = self.portals.get(key) or self._by_domain.get(key)
+            found = self.portals.get(key) or self._by_name.get(key) or self._by_host.get(key)
         if found is None:
             raise KeyError(key)
         return found
 
-    def _rename(self, portal: Portal, new_domain: str) -> None:
-        _check_domain(new_domain)
+    def _rename(self, portal: Portal, new_name: str) -> None:
+        _check_name(new_name)
         with self.lock:
-            owner = self._by_domain.get(new_domain)
+            owner = self._by_name.get(new_name)
             if owner is not None and owner is not portal:
-                raise ValueError(f"domain {new_domain} is taken")
-            self._by_domain[new_domain] = portal
-            portal._domain = new_domain
+                raise ValueError(f"portal name {new_name} is taken")
+            host = self.allocate_host()
+            self._by_name[new_name] = portal
+            self._by_host[host] = portal
+            portal._name = new_name
+            portal._host = host
 
     # -- installations and tokens -------------------------------------------------------------
     def install(self, portal: Portal, app: App, user_id: int = 1) -> Installation:
@@ -537,28 +616,28 @@ class State:
         return self._rng.choice(self._chaos_faults)
 
     # -- REST requests -----------------------------------------------------------------------
-    def delay_for(self, domain: str | None) -> float:
+    def delay_for(self, host: str | None) -> float:
         """Seconds to sleep before answering (emulator-wide + the portal's)."""
         with self.lock:
-            portal = self._by_domain.get(domain) if domain else None
+            portal = self._by_host.get(host) if host else None
             return self.latency + (portal.latency if portal else 0.0)
 
-    def rest(self, domain: str, tail: str, query: str, params: dict[str, Any], auth: str | None) -> Reply:
-        """Answer `{base_url}/{domain}/rest/{tail}` with `params` (the `auth` already taken out)."""
+    def rest(self, host: str, tail: str, query: str, params: dict[str, Any], auth: str | None) -> Reply:
+        """Answer `{scheme}://{host}:{port}/rest/{tail}` with `params` (the `auth` already taken out)."""
         method = methods.normalize_method(tail)
         log: dict[str, Any] = {
-            "domain": domain,
+            "domain": host,
             "method": method or None,
             "params_keys": sorted(str(k) for k in params),
             "commands": methods.batch_command_names(params) if method == "batch" else [],
         }
         started = time.time()
         with self.lock:
-            portal = self._by_domain.get(domain)
+            portal = self._by_host.get(host)
             if portal is None:
                 return Reply.error(ApiError("PORTAL_NOT_FOUND", "Portal not found", 404), **log)
             log["member_id"] = portal.member_id
-            if portal.domain != domain:
+            if portal.host != host:
                 location = portal.client_endpoint + tail + (f"?{query}" if query else "")
                 page = f"<html><body>302 Found: {portal.client_endpoint}</body></html>"
                 return Reply(302, headers={"Location": location}, text=page, log=log)
@@ -668,6 +747,10 @@ class State:
             client_id=info.get("client_id"),
             user_id=info.get("user_id"),
             duration=duration,
+            host=info.get("host"),
+            scheme=info.get("scheme", "http"),
+            hostile=info.get("hostile"),
+            auth_seen=bool(info.get("auth_seen", False)),
         )
         with self._log_lock:
             self._log.append(entry)
@@ -690,13 +773,10 @@ class State:
             self._log.clear()
 
 
-def _check_domain(domain: str) -> None:
-    """A domain becomes one path segment of the emulator's URLs: keep it one."""
-    if (
-        not domain
-        or domain != domain.strip()
-        or any(c in domain for c in "/?#%\\ ")
-        or domain in ("rest", "oauth")
-        or domain.startswith(("_", "."))
-    ):
-        raise ValueError(f"not a usable portal domain: {domain!r}")
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def _check_name(name: str) -> None:
+    """A portal's name is a label for people and for `Emulator.portal(...)`: keep it plain."""
+    if not name or name != name.strip() or any(c in name for c in "/?#%\\ ") or name.startswith(("_", ".")):
+        raise ValueError(f"not a usable portal name: {name!r}")
