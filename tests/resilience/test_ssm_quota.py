@@ -31,11 +31,15 @@ def direct() -> Iterator[Any]:
         yield client
 
 
-def hammer(call: Any, seconds: float) -> tuple[int, int, float]:
-    """Call `call` back to back for `seconds`: (admitted, throttled, elapsed)."""
+def hammer(call: Any, count: int) -> tuple[int, int, float]:
+    """Call `call` `count` times back to back: (admitted, throttled, elapsed).
+
+    Counted, not timed: how fast a loaded machine gets through the calls changes how many the
+    bucket refills for, never the bounds the test asserts.
+    """
     ok = throttled = 0
     start = time.monotonic()
-    while time.monotonic() - start < seconds:
+    for _ in range(count):
         try:
             call()
             ok += 1
@@ -67,22 +71,22 @@ def test_operations_are_metered_by_class() -> None:
 
 def test_reads_writes_and_describes_throttle_separately_at_their_rates(direct: Any) -> None:
     name = f"{PREFIX}/portals/m1"
-    with ssm_quotas(SsmQuotas(read=20, write=4, describe=6)) as quota:
+    with ssm_quotas(SsmQuotas(read=5, write=2, describe=3)) as quota:
         client = quota.client(**NO_RETRY)
         calls = {
             "write": lambda: client.put_parameter(Name=name, Value="{}", Type="SecureString", Overwrite=True),
             "read": lambda: client.get_parameter(Name=name, WithDecryption=True),
             "describe": lambda: client.describe_parameters(),
         }
-        for kind, rate in (("write", 4), ("read", 20), ("describe", 6)):
-            ok, throttled, elapsed = hammer(calls[kind], 1.5)
-            # A one-second bucket: the burst plus the rate over the time, never more.
-            assert ok <= rate + rate * elapsed + 1, (kind, ok, elapsed)
-            assert ok >= rate * elapsed * 0.6, (kind, ok, elapsed)
-            assert throttled > 0, kind
+        for kind, rate in (("write", 2), ("read", 5), ("describe", 3)):
+            count = 4 * rate + 4
+            ok, throttled, elapsed = hammer(calls[kind], count)
+            # A one-second bucket: the full burst first, then the rate over the time, never more.
+            assert rate <= ok <= rate + rate * elapsed + 1, (kind, ok, elapsed)
+            assert ok + throttled == count
             assert (quota.admitted(kind), quota.throttled(kind)) == (ok, throttled)
         # Each class spent only its own bucket: writes hammered first did not starve the reads.
-        assert quota.stats()["GetParameter"]["admitted"] >= 20
+        assert quota.stats()["GetParameter"]["admitted"] >= 5
 
 
 def test_a_throttled_call_answers_as_real_ssm_does(direct: Any) -> None:
