@@ -547,7 +547,8 @@ def run_campaign(
     """Seed, break, run, verify: the one implementation behind the script and the test."""
     import boto3
 
-    from b24_cleanup.handlers import endpoint, scheduler, worker
+    from b24_cleanup import runtime
+    from b24_cleanup.handlers import scheduler, worker
 
     config = config or CampaignConfig()
     say = progress or (lambda _line: None)
@@ -561,8 +562,7 @@ def run_campaign(
         _captured(capture),
         collect_results() as results,
     ):
-        for reset in (endpoint.reset_clients, scheduler.reset_clients, worker.reset_engine):
-            reset()
+        runtime.reset()
         try:
             cases = _seed(box, rng, config, report)
             say(f"seeded {len(cases)} portals")
@@ -575,16 +575,12 @@ def run_campaign(
                 rate=config.rate,
                 settle_seconds=config.settle_seconds,
                 timeout=(1.0, config.read_timeout),
+                oauth_timeout=(1.0, config.read_timeout),
             )
-            worker._engine = Engine(worker_store, options=options)  # what worker.engine() hands out
+            runtime.use_engine(Engine(worker_store, options=options))  # what runtime.engine() hands out
             faults = AwsFaults(config.aws_fault_rate, seed=config.seed, kinds=config.aws_fault_kinds)
-            faults.attach(
-                endpoint._store().client,
-                endpoint._sqs(),
-                scheduler._store().client,
-                scheduler._sqs(),
-                worker_store.client,
-            )
+            # The endpoint and the scheduler share the process's store and SQS client.
+            faults.attach(runtime.store().client, runtime.sqs(), worker_store.client)
             box.emulator.chaos(config.fault_rate, seed=config.seed)
 
             # Events reach the endpoint: genuine uninstalls, and forged ones.
@@ -620,8 +616,7 @@ def run_campaign(
             faults.rate = 0.0
             _verify(box, cases, results.jobs, capture, sqs, report)
         finally:
-            for reset in (endpoint.reset_clients, scheduler.reset_clients, worker.reset_engine):
-                reset()
+            runtime.reset()
     report.seconds = time.monotonic() - started
     return report
 

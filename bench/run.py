@@ -364,10 +364,11 @@ def _sqs_batch(seeded: Sequence[Any], offset: int) -> dict[str, Any]:
 
 def _run_worker_sweep(box: Any, seeded: Sequence[Any]) -> SweepRun:
     """Deliver one sweep job per portal to worker.process in SQS-sized batches, as Lambda would."""
+    from b24_cleanup import runtime
     from b24_cleanup.handlers import worker
 
-    worker.reset_engine()
-    engine = worker.engine()
+    runtime.reset()
+    engine = runtime.engine()
     ssm = _SsmTimer(engine.store.client)  # created here, before the clock starts
     round_trips: list[float] = []
     engine.session.hooks["response"].append(lambda r, *a, **kw: round_trips.append(r.elapsed.total_seconds()))
@@ -662,9 +663,10 @@ t2 = time.perf_counter()
 print(json.dumps({{"import": t1 - t0, "init": t2 - t1, "artifact": {artifact_check}}}))
 """
 _COLD_TARGETS = [
-    ("handlers.endpoint", "b24_cleanup.handlers.endpoint", "m._settings(); m._store().client; m._sqs()"),
-    ("handlers.scheduler", "b24_cleanup.handlers.scheduler", "m._settings(); m._store().client; m._sqs()"),
-    ("handlers.worker", "b24_cleanup.handlers.worker", "e = m.engine(); e.store.client"),
+    # The handler's first request builds what it uses through the process's runtime (already imported).
+    ("handlers.endpoint", "b24_cleanup.handlers.endpoint", "r = m.runtime; r.settings(); r.store().client; r.sqs()"),
+    ("handlers.scheduler", "b24_cleanup.handlers.scheduler", "r = m.runtime; r.settings(); r.store().client; r.sqs()"),
+    ("handlers.worker", "b24_cleanup.handlers.worker", "e = m.runtime.engine(); e.store.client"),
     ("import boto3 + boto3.client('ssm')", "boto3", "m.client('ssm')"),
 ]
 _ARTIFACT_DIRS = {
@@ -995,11 +997,12 @@ def _invoke_scheduler(scheduled_time: str, *, cold: bool, purge: Callable[[], No
     """
     import boto3
 
+    from b24_cleanup import runtime
     from b24_cleanup.handlers import scheduler
     from b24_cleanup.ops.functionurl import FakeContext
 
     if cold:
-        scheduler.reset_clients()
+        runtime.reset()
         boto3.setup_default_session()  # the handler's clients come from here, created inside the call
     calls: Counter[str] = Counter()
     seconds: dict[str, float] = {}
@@ -1030,7 +1033,7 @@ def _invoke_scheduler(scheduled_time: str, *, cold: bool, purge: Callable[[], No
     session_events = boto3.DEFAULT_SESSION.events  # type: ignore[union-attr]
     # A client copies the session's handlers when it is created: a cold call's clients (created
     # inside the call) inherit these; a warm call's clients exist already and are watched directly.
-    emitters = [session_events] if cold else [scheduler._store().client.meta.events, scheduler._sqs().meta.events]
+    emitters = [session_events] if cold else [runtime.store().client.meta.events, runtime.sqs().meta.events]
     for emitter in emitters:
         for event, hook in hooks:
             emitter.register(event, hook, unique_id=f"bench-{event}")
@@ -1044,7 +1047,7 @@ def _invoke_scheduler(scheduled_time: str, *, cold: bool, purge: Callable[[], No
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        for emitter in [session_events, scheduler._store().client.meta.events, scheduler._sqs().meta.events]:
+        for emitter in [session_events, runtime.store().client.meta.events, runtime.sqs().meta.events]:
             for event, _hook in hooks:
                 emitter.unregister(event, unique_id=f"bench-{event}")
     return SchedulerCall(wall, peak, calls, seconds, observed.get("max_results"), int(answer["enqueued"]))
@@ -1053,7 +1056,7 @@ def _invoke_scheduler(scheduled_time: str, *, cold: bool, purge: Callable[[], No
 def bench_scheduler(sizes: Sizes, runs: int) -> None:
     import boto3
 
-    from b24_cleanup.handlers import scheduler
+    from b24_cleanup import runtime
 
     prefix = "/b24-cleanup/bench-scheduler"
     rows: list[list[Any]] = []
@@ -1131,7 +1134,7 @@ def bench_scheduler(sizes: Sizes, runs: int) -> None:
                     )
                     notes.append(f"{n:,} portals (seeded in {seed_seconds:.1f} s; {warm_runs} warm run(s)): {split}.")
             finally:
-                scheduler.reset_clients()
+                runtime.reset()
                 boto3.setup_default_session()
     print_table(
         "scheduler",

@@ -61,6 +61,16 @@ def _aws_test_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POWERTOOLS_LOG_DEDUPLICATION_DISABLED", "1")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_runtime(_aws_test_env: None) -> Iterator[None]:
+    """Settings, clients, engine and chain state are read once per process: each test starts afresh."""
+    from b24_cleanup import runtime
+
+    runtime.reset()
+    yield
+    runtime.reset()
+
+
 class _CurrentStdout:
     """A stream that writes to the current sys.stdout."""
 

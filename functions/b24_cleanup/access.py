@@ -19,14 +19,11 @@ from dataclasses import dataclass
 
 import requests
 
-from .errors import ConfigError, PermanentError
+from . import runtime
+from .errors import ConfigError, PermanentError, PortalNotFoundError
 from .oauth import OAuthClient
 from .store import AppCredentials, PortalStore
-from .tokens import DEFAULT_SETTLE_SECONDS, TokenKeeper, check_usable
-
-
-class PortalNotFound(LookupError):
-    """No record for that member id: the app is not registered on the portal (or was removed)."""
+from .tokens import DEFAULT_SETTLE_SECONDS, ChainState, TokenKeeper, check_usable
 
 
 @dataclass(frozen=True)
@@ -50,12 +47,15 @@ class TokenAccess:
         oauth_url: str | None = None,
         session: requests.Session | None = None,
         settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+        chains: ChainState | None = None,
     ) -> None:
         self.store = store
         self.oauth_url = oauth_url
         self.session = session or requests.Session()
         self.settle_seconds = settle_seconds
         self._credentials: AppCredentials | None = None
+        # Shared with every engine of the process: a refresh one of them made is seen by the others.
+        self.chains = chains if chains is not None else runtime.chains()
 
     @classmethod
     def from_env(cls) -> TokenAccess:
@@ -72,10 +72,16 @@ class TokenAccess:
     def _keeper(self, member_id: str) -> TokenKeeper:
         record = self.store.get(member_id)
         if record is None:
-            raise PortalNotFound(f"no record for portal {member_id}")
+            raise PortalNotFoundError(f"no record for portal {member_id}")
         check_usable(record)
         return TokenKeeper(
-            self.store, member_id, record, self._oauth, oauth_url=self.oauth_url, settle_seconds=self.settle_seconds
+            self.store,
+            member_id,
+            record,
+            self._oauth,
+            chains=self.chains,
+            oauth_url=self.oauth_url,
+            settle_seconds=self.settle_seconds,
         )
 
     @staticmethod
@@ -86,7 +92,17 @@ class TokenAccess:
         )
 
     def get(self, member_id: str) -> PortalAccess:
-        """A valid access token and the portal's endpoint; refreshed first when due."""
+        """A valid access token and the portal's endpoint; refreshed (and stored) first when due.
+
+        Raises:
+            PortalNotFoundError: no record for that member id (not registered, or removed).
+            PermanentError: the record is unusable (no endpoint or tokens), or the OAuth server
+                refused the refresh for a reason a retry cannot mend.
+            RevokedError: the OAuth server refused the refresh token, also after the one re-read:
+                the app is gone from the portal.
+            TransientError: SSM or the OAuth server failed for now; retry later.
+            ConfigError: the app's credentials or the record's OAuth address are missing or broken.
+        """
         keeper = self._keeper(member_id)
         keeper.access_token()
         return self._access(keeper)
@@ -96,6 +112,14 @@ class TokenAccess:
 
         If another writer already replaced it in the record, that token is returned without an
         OAuth call; otherwise the chain is moved on by one refresh (persisted before returning).
+
+        Raises:
+            PortalNotFoundError: no record for that member id (not registered, or removed).
+            PermanentError: the record is unusable, or the refreshed record holds no access token.
+            RevokedError: the OAuth server refused the refresh token, also after the one re-read:
+                the app is gone from the portal.
+            TransientError: SSM or the OAuth server failed for now; retry later.
+            ConfigError: the app's credentials or the record's OAuth address are missing or broken.
         """
         keeper = self._keeper(member_id)
         if keeper.record.access_token != refused_token and not keeper.record.refresh_due():

@@ -1,7 +1,7 @@
 """The cleanup engine: one job for one portal, SPEC §5 steps 1-8.
 
 Request budget per job: one `event.get`, ⌈c/50⌉ `batch` calls for c unbind commands, and one
-OAuth call when a refresh is due. Transient trouble raises :class:`JobFailed` so that the worker
+OAuth call when a refresh is due. Transient trouble raises :class:`JobFailedError` so that the worker
 fails the SQS record and the retry plans afresh; nothing that did not finish is reported as done.
 """
 
@@ -18,17 +18,20 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from . import runtime
+from .client import DEFAULT_TIMEOUT as REST_TIMEOUT
 from .client import PortalClient
 from .commands import Command, CommandResult
-from .config import Settings
-from .errors import ConfigError, InvalidDeclaredSet, PermanentError, RevokedError, TransientError
-from .jobs import Action, Job, JobFailed, JobResult, Outcome
+from .config import DEFAULT_GRACE_DAYS, Settings
+from .errors import ConfigError, InvalidDeclaredSetError, JobFailedError, PermanentError, RevokedError, TransientError
+from .jobs import Action, Job, JobResult, Outcome
+from .oauth import DEFAULT_TIMEOUT as OAUTH_TIMEOUT
 from .oauth import OAuthClient
-from .pacing import Backoff, BucketRegistry, RetryPolicy
+from .pacing import DEFAULT_BURST, DEFAULT_RATE, Backoff, BucketRegistry, RetryPolicy
 from .planner import DeclaredSet, Listing, Plan, plan, unbind_commands
 from .record import PortalRecord
 from .store import AppCredentials, PortalStore
-from .tokens import DEFAULT_SETTLE_SECONDS, TokenKeeper, check_usable
+from .tokens import DEFAULT_SETTLE_SECONDS, ChainState, TokenKeeper, check_usable
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,12 @@ class EngineOptions:
     """Knobs that tests and benchmarks turn; production uses the defaults."""
 
     backoff: Backoff = field(default_factory=Backoff)
-    rate: float = 2.0
-    burst: int = 50
+    rate: float = DEFAULT_RATE
+    burst: int = DEFAULT_BURST
     settle_seconds: float = DEFAULT_SETTLE_SECONDS
-    timeout: tuple[float, float] = (3.05, 30.0)
-    max_time_limit_wait: float = 30.0
+    timeout: tuple[float, float] = REST_TIMEOUT  # portal REST requests
+    oauth_timeout: tuple[float, float] = OAUTH_TIMEOUT  # the OAuth server's own, not the portal's
+    max_time_limit_wait: float = RetryPolicy.max_time_limit_wait  # the policy's own default
 
 
 class Engine:
@@ -61,10 +65,11 @@ class Engine:
         *,
         oauth_url: str | None = None,
         dry_run: bool = False,
-        grace_days: int = 7,
+        grace_days: int = DEFAULT_GRACE_DAYS,
         options: EngineOptions | None = None,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
+        chains: ChainState | None = None,
     ) -> None:
         self.store = store
         self.oauth_url = oauth_url
@@ -73,6 +78,9 @@ class Engine:
         self.options = options or EngineOptions()
         self.session = session or _pooled_session()
         self.clock = clock
+        # The process's one chain state unless told otherwise: every engine and TokenAccess of a
+        # process must see each other's refreshes (two of them in one process are one container).
+        self.chains = chains if chains is not None else runtime.chains()
         self.buckets = BucketRegistry(self.options.rate, self.options.burst)
         self._credentials: tuple[float, AppCredentials] | None = None
         self._cache_lock = threading.Lock()
@@ -114,7 +122,7 @@ class Engine:
             return self._declared[1]
 
     def oauth_client(self) -> OAuthClient:
-        return OAuthClient(self.credentials(), session=self.session, timeout=self.options.timeout)
+        return OAuthClient(self.credentials(), session=self.session, timeout=self.options.oauth_timeout)
 
     def keeper(self, member_id: str, record: PortalRecord) -> TokenKeeper:
         return TokenKeeper(
@@ -122,6 +130,7 @@ class Engine:
             member_id,
             record,
             self.oauth_client,
+            chains=self.chains,
             oauth_url=self.oauth_url,
             settle_seconds=self.options.settle_seconds,
             clock=self.clock,
@@ -139,7 +148,7 @@ class Engine:
 
     # -- jobs --------------------------------------------------------------------------
     def run(self, job: Job, *, deadline: float | None = None) -> JobResult:
-        """Run one job to its outcome. Raises JobFailed for `failed` (the queue retries it).
+        """Run one job to its outcome. Raises JobFailedError for `failed` (the queue retries it).
 
         `deadline` (a time.monotonic() value) stops the job from starting portal requests past
         it: the job then fails and is retried instead of being cut off by a Lambda timeout.
@@ -151,7 +160,7 @@ class Engine:
             result.outcome = Outcome.FAILED
             result.reason = str(exc)
             _log_result(result)
-            raise JobFailed(result) from None  # the reason says it; no chained traceback
+            raise JobFailedError(result) from None  # the reason says it; no chained traceback
         _log_result(result)
         return result
 
@@ -160,7 +169,7 @@ class Engine:
         if job.action is Action.SWEEP:
             try:
                 declared = DeclaredSet.parse(self.declared_set_text())
-            except InvalidDeclaredSet as exc:
+            except InvalidDeclaredSetError as exc:
                 # A retry cannot mend the config: skip, touch nothing, say so loudly.
                 result.outcome, result.declared_set_invalid = Outcome.SKIPPED, True
                 result.reason = f"declared handler set is invalid: {exc}"

@@ -1,10 +1,38 @@
-"""Exception types, one per meaning, and the classification of Bitrix24 error codes.
+"""Every exception the package raises, one per meaning, and the classification of Bitrix24 error codes.
 
-Messages carry the method, the error code and the portal's own description, never a token:
-every exception here may end up in a log line (SPEC §7).
+One tree, one root (:class:`B24CleanupError`)::
+
+    B24CleanupError
+    ├── B24Error                  a portal's or the OAuth server's answer, by what to do about it
+    │   ├── ExpiredTokenError     refresh once and retry
+    │   ├── RevokedError          the app is gone from the portal
+    │   ├── TransientError        retry later (5xx, timeouts, limits, SSM throttling)
+    │   │   └── RateLimitedError
+    │   ├── PermanentError        a retry cannot mend it
+    │   └── InvalidGrantError     the OAuth server refused the refresh token
+    ├── ConfigError               our own configuration is missing or broken
+    │   └── InvalidDeclaredSetError
+    ├── PayloadError              (also ValueError) not a usable event body → 400
+    │   ├── PayloadTooLargeError  → 413
+    │   └── RegistrationInvalidError  not a registration body → 400
+    ├── RegistrationRejectedError the OAuth server did not vouch for an install → 401
+    ├── UnauthorizedError         an uninstall that does not prove itself → 401
+    ├── PortalNotFoundError       (also LookupError) no record for that member id
+    ├── InvalidJobError           (also ValueError) a queue message that is no job
+    ├── JobFailedError            a job ended `failed`: the queue retries it
+    └── EnqueueFailedError        SQS did not take the jobs
+
+Messages carry the method, the error code and the portal's own description, or the rule that
+failed, never a token or a value from a request: every exception here may end up in a log line
+or an answer (SPEC §7).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .jobs import JobResult
 
 # Reference §11 and SPEC §5 step 7. Codes are compared case-insensitively (Bitrix24 mixes
 # `expired_token` with `QUERY_LIMIT_EXCEEDED`), so every set holds upper-cased codes.
@@ -29,8 +57,12 @@ RATE_LIMIT_CODE = "QUERY_LIMIT_EXCEEDED"
 MISSING_FROM_BATCH = "MISSING_FROM_BATCH"
 
 
-class B24Error(Exception):
-    """Base of every error this package raises about a portal or the OAuth server."""
+class B24CleanupError(Exception):
+    """The root of every exception this package raises on purpose: `except B24CleanupError` catches them all."""
+
+
+class B24Error(B24CleanupError):
+    """An answer of a portal or the OAuth server, classified by what to do about it (the subclasses)."""
 
     def __init__(self, code: str, description: str = "", *, status: int | None = None, method: str = "") -> None:
         self.code = code
@@ -67,12 +99,75 @@ class InvalidGrantError(B24Error):
     """The OAuth server refused the refresh token: the caller re-reads the record once."""
 
 
-class ConfigError(Exception):
+class ConfigError(B24CleanupError):
     """The service's own configuration is missing or broken (credentials, prefix, declared set)."""
 
 
-class InvalidDeclaredSet(ConfigError):
+class InvalidDeclaredSetError(ConfigError):
     """The declared handler set is invalid (SPEC §3): a sweep must unbind nothing."""
+
+
+class PayloadError(B24CleanupError, ValueError):
+    """The body is not a usable Bitrix24 event: the endpoint answers 400 (413 for PayloadTooLargeError)."""
+
+
+class PayloadTooLargeError(PayloadError):
+    """The body is over the size limit (the endpoint answers 413)."""
+
+
+class RegistrationInvalidError(PayloadError):
+    """The body is not a registration at all (→ 400): wrong event, tokens missing."""
+
+
+class RegistrationRejectedError(B24CleanupError):
+    """The OAuth server did not vouch for the body (→ 401, nothing written). The reason is safe to log.
+
+    `member_id` is the posted one when it is well-formed (for the log line), else None.
+    """
+
+    def __init__(self, reason: str, member_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.member_id = member_id
+
+
+class UnauthorizedError(B24CleanupError):
+    """An uninstall that does not prove itself (unknown portal, wrong token, malformed member_id).
+
+    The message is safe to log; `member_id` is set when it is well-formed. Callers answer every
+    case alike, so that a prober cannot tell which member ids exist.
+    """
+
+    def __init__(self, reason: str, member_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.member_id = member_id
+
+
+class PortalNotFoundError(B24CleanupError, LookupError):
+    """No record for that member id: the app is not registered on the portal (or was removed)."""
+
+
+class InvalidJobError(B24CleanupError, ValueError):
+    """A queue message that is not a job of SPEC §5 (the worker fails its record)."""
+
+
+class JobFailedError(B24CleanupError):
+    """A job ended `failed` (transient): the worker fails the SQS record so that it is retried."""
+
+    def __init__(self, result: JobResult) -> None:
+        self.result = result
+        super().__init__(f"{result.action.value} job for {result.member_id} failed: {result.reason}")
+
+
+class EnqueueFailedError(B24CleanupError):
+    """Jobs could not be queued. For the sweep fan-out, `sent` jobs were accepted before it stopped.
+
+    They stay queued, and a retried run with the same scheduled time is deduplicated by SQS
+    (within its five-minute window).
+    """
+
+    def __init__(self, message: str, sent: int = 0) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 def classify(code: str, status: int | None = None) -> type[B24Error]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from .errors import InvalidJobError
 from .record import valid_member_id
 
 
@@ -35,10 +36,6 @@ OUTCOME_METRIC: dict[Outcome, str | None] = {
 }
 
 
-class InvalidJob(ValueError):
-    """A queue message that is not a job of SPEC §5 (the worker fails its record)."""
-
-
 @dataclass(frozen=True)
 class Job:
     action: Action
@@ -64,26 +61,26 @@ class Job:
 
     @classmethod
     def parse(cls, body: str | bytes | dict[str, Any]) -> Job:
-        """Parse a queue message body; raise :class:`InvalidJob` with a reason that holds no secret."""
+        """Parse a queue message body; raise :class:`InvalidJobError` with a reason that holds no secret."""
         if isinstance(body, str | bytes):
             try:
                 body = json.loads(body)
             except ValueError:
-                raise InvalidJob("job body is not JSON") from None
+                raise InvalidJobError("job body is not JSON") from None
         if not isinstance(body, dict):
-            raise InvalidJob("job body is not a JSON object")
+            raise InvalidJobError("job body is not a JSON object")
         try:
             action = Action(str(body.get("action")))
         except ValueError:
-            raise InvalidJob("job action is not 'uninstall' or 'sweep'") from None
+            raise InvalidJobError("job action is not 'uninstall' or 'sweep'") from None
         member_id = body.get("member_id")
         if not isinstance(member_id, str) or not valid_member_id(member_id):
-            raise InvalidJob("job member_id is missing or malformed")
+            raise InvalidJobError("job member_id is missing or malformed")
         if action is Action.SWEEP:
             return cls(action, member_id)
         token = body.get("application_token")
         if not isinstance(token, str) or not token:
-            raise InvalidJob("uninstall job has no application_token")
+            raise InvalidJobError("uninstall job has no application_token")
         clean = body.get("clean")
         ts = body.get("ts")
         return cls(
@@ -155,11 +152,3 @@ class JobResult:
             "reason": self.reason,
             "record_deleted": self.record_deleted,
         }
-
-
-class JobFailed(Exception):
-    """A job ended `failed` (transient): the worker fails the SQS record so that it is retried."""
-
-    def __init__(self, result: JobResult) -> None:
-        self.result = result
-        super().__init__(f"{result.action.value} job for {result.member_id} failed: {result.reason}")

@@ -14,14 +14,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from . import logsafety  # noqa: F401 - imported for its effect: no secrets in DEBUG logs
+from . import (
+    __version__,
+    logsafety,  # noqa: F401 - imported for its effect: no secrets in DEBUG logs
+)
 from .errors import ConfigError, PermanentError, TransientError, classify_oauth
 from .record import domain_of
 from .store import AppCredentials
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = "b24-cleanup/0.1 (+https://github.com/)"
+# No project URL exists to name, so the agent is the name and the one version (b24_cleanup.__version__).
+USER_AGENT = f"b24-cleanup/{__version__}"
 DEFAULT_TIMEOUT = (3.05, 15.0)
 # The only hosts a token URL may be derived from when it comes from an untrusted request (SPEC §9).
 TRUSTED_OAUTH_HOSTS = frozenset({"oauth.bitrix.info", "oauth.bitrix24.tech"})

@@ -6,9 +6,9 @@ turns such a body (or the same structure sent as JSON) into a nested dict, with 
 because the endpoint is a public URL and everything here is attacker-controlled until the
 `application_token` has been compared.
 
-No Lambda knowledge here: the endpoint hands in raw bytes and a content type; the registration of
-installs (`ONAPPINSTALL` / `ONAPPUPDATE`) reuses :func:`parse_event_body` and reads its extra
-`auth` keys from the same generic dict.
+No Lambda knowledge here: the endpoint hands in the body and a content type and gets one typed
+post back (:func:`parse_post`): an :class:`UninstallPost`, or an :class:`InstallPost` that
+registration (`ONAPPINSTALL` / `ONAPPUPDATE`) takes as it is.
 
 Error messages name the rule that failed, never a value: a body may carry tokens, and every
 :class:`PayloadError` may end up in a log line or a 400 answer (SPEC §7).
@@ -16,11 +16,22 @@ Error messages name the rule that failed, never a value: a body may carry tokens
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
+
+from .errors import PayloadError, PayloadTooLargeError, RegistrationInvalidError
+
+# The events this package reads (reference §5): their one home.
+ONAPPUNINSTALL = "ONAPPUNINSTALL"
+ONAPPINSTALL = "ONAPPINSTALL"
+ONAPPUPDATE = "ONAPPUPDATE"
+INSTALL_EVENTS = frozenset({ONAPPINSTALL, ONAPPUPDATE})
 
 MAX_BODY_BYTES = 64 * 1024  # SPEC §5: a body over 64 KiB is answered 413
 MAX_DEPTH = 16  # nesting levels below the top-level object (PHP's own default allows 64)
@@ -39,17 +50,43 @@ _TRUE = frozenset({"1", "y", "yes", "true", "on"})
 _FALSE = frozenset({"0", "n", "no", "false", "off", ""})
 
 
-class PayloadError(ValueError):
-    """The body is not a usable Bitrix24 event: the endpoint answers 400 (413 for the subclass)."""
-
-
-class PayloadTooLarge(PayloadError):
-    """The body is over :data:`MAX_BODY_BYTES` (the endpoint answers 413)."""
+# The longest base64 text that can decode to MAX_BODY_BYTES; anything longer is over the limit
+# whatever it holds, so it is refused without being decoded.
+MAX_ENCODED_CHARS = 4 * -(-MAX_BODY_BYTES // 3)
 
 
 # --------------------------------------------------------------------------------------------
 # Parsing
 # --------------------------------------------------------------------------------------------
+
+
+def decode_body(body: object, base64_encoded: bool) -> bytes:
+    """The raw request body as an HTTP front end hands it over (text, possibly base64).
+
+    Size-checked before anything is decoded or parsed (:class:`PayloadTooLargeError`), base64 decoded
+    strictly (:class:`PayloadError`); an absurdly long encoded body is refused without decoding it.
+    """
+    if body is None:
+        return b""
+    if not isinstance(body, str):
+        raise PayloadError("body is not text")
+    if base64_encoded:
+        if len(body) > MAX_ENCODED_CHARS:
+            raise PayloadTooLargeError("encoded body is over the size limit")
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise PayloadError("body is not valid base64") from None
+    else:
+        if len(body) > MAX_BODY_BYTES:  # every character is at least one byte
+            raise PayloadTooLargeError("body is over the size limit")
+        try:
+            raw = body.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PayloadError("body is not valid UTF-8") from None
+    if len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLargeError("body is over the size limit")
+    return raw
 
 
 def media_type(content_type: str | None) -> str:
@@ -68,7 +105,7 @@ def parse_event_body(body: bytes, content_type: str | None) -> dict[str, Any]:
         raise PayloadError("body must be bytes")
     body = bytes(body)
     if len(body) > MAX_BODY_BYTES:  # the caller checks first; this keeps the core safe on its own
-        raise PayloadTooLarge(f"body is over {MAX_BODY_BYTES} bytes")
+        raise PayloadTooLargeError(f"body is over {MAX_BODY_BYTES} bytes")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -206,7 +243,7 @@ def _check_shape(data: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The typed view the uninstall path needs
+# The typed posts: an uninstall (the endpoint) or an install/update (registration)
 # --------------------------------------------------------------------------------------------
 
 
@@ -251,11 +288,11 @@ def _flag(value: object) -> bool | None:
 
 
 @dataclass(frozen=True, repr=False)
-class EventPost:
-    """What an event POST says, validated for the uninstall path.
+class UninstallPost:
+    """What an `ONAPPUNINSTALL` POST says, validated for the uninstall path.
 
-    `auth` and `data` are the generic nested dicts (registration reads `auth[refresh_token]` and
-    friends from them). `repr` names the event and the portal only: `auth` holds tokens.
+    `auth` and `data` are the generic nested dicts. `repr` names the event and the portal only:
+    `auth` holds tokens.
     """
 
     event: str
@@ -267,12 +304,14 @@ class EventPost:
     data: dict[str, Any]
 
     def __repr__(self) -> str:
-        return f"EventPost(event={self.event!r}, member_id={self.member_id!r}, ts={self.ts!r}, clean={self.clean!r})"
+        return (
+            f"UninstallPost(event={self.event!r}, member_id={self.member_id!r}, ts={self.ts!r}, clean={self.clean!r})"
+        )
 
     __str__ = __repr__
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> EventPost:
+    def from_payload(cls, payload: dict[str, Any]) -> UninstallPost:
         """Validate a parsed body; raise :class:`PayloadError` naming the missing or bad field.
 
         `member_id` is only required to be present here; whether it can name a stored portal is
@@ -301,3 +340,61 @@ class EventPost:
             auth=auth,
             data=data,
         )
+
+
+def _stripped(mapping: dict[str, Any], key: str) -> str:
+    value = mapping.get(key)
+    return value.strip() if isinstance(value, str) else ""
+
+
+@dataclass(frozen=True, repr=False)
+class InstallPost:
+    """What an `ONAPPINSTALL` / `ONAPPUPDATE` POST says (SPEC §9): nothing of it is trusted until the
+    OAuth server vouches for `refresh_token`. `repr` names the event and the portal only."""
+
+    event: str
+    member_id: str
+    application_token: str
+    refresh_token: str
+    server_endpoint: str
+    scope: str
+    auth: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"InstallPost(event={self.event!r}, member_id={self.member_id!r})"
+
+    __str__ = __repr__
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> InstallPost:
+        """Validate a parsed body; raise :class:`RegistrationInvalidError` when it is no registration."""
+        event = _stripped(dict(payload), "event").upper()
+        if event not in INSTALL_EVENTS:
+            raise RegistrationInvalidError("event is not ONAPPINSTALL or ONAPPUPDATE")
+        auth = payload.get("auth")
+        if not isinstance(auth, Mapping):
+            raise RegistrationInvalidError("the body has no auth fields")
+        auth = dict(auth)
+        for key in ("refresh_token", "application_token", "member_id"):
+            if not _stripped(auth, key):
+                raise RegistrationInvalidError(f"auth[{key}] is missing")
+        return cls(
+            event=event,
+            member_id=_stripped(auth, "member_id"),
+            application_token=_stripped(auth, "application_token"),
+            refresh_token=_stripped(auth, "refresh_token"),
+            server_endpoint=_stripped(auth, "server_endpoint"),
+            scope=_stripped(auth, "scope"),
+            auth=auth,
+        )
+
+
+def parse_post(payload: dict[str, Any]) -> UninstallPost | InstallPost:
+    """The typed post of a parsed body, by its event; PayloadError (RegistrationInvalidError for an
+    install or update body) when it is neither a usable uninstall nor a registration."""
+    name = event_name(payload)
+    if name in INSTALL_EVENTS:
+        return InstallPost.from_payload(payload)
+    if name != ONAPPUNINSTALL:
+        raise PayloadError("event is not ONAPPUNINSTALL")
+    return UninstallPost.from_payload(payload)

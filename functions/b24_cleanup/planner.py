@@ -19,10 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .commands import Command
-from .errors import InvalidDeclaredSet, PermanentError
+from .errors import InvalidDeclaredSetError, PermanentError
+from .payload import ONAPPUNINSTALL as UNINSTALL_EVENT  # the event names' one home
 
 UNBIND_METHOD = "event.unbind"
-UNINSTALL_EVENT = "ONAPPUNINSTALL"
 
 _ONLINE = "online"
 _OFFLINE = "offline"
@@ -71,7 +71,7 @@ class DeclaredSet:
 
     @classmethod
     def parse(cls, text: str | None) -> DeclaredSet:
-        """Parse the `{prefix}/app/handlers` parameter, or raise :class:`InvalidDeclaredSet`.
+        """Parse the `{prefix}/app/handlers` parameter, or raise :class:`InvalidDeclaredSetError`.
 
         The reason names the rule that failed and the entry's index, never a value: the
         parameter is operator input and the message ends up in logs and metrics' log lines.
@@ -86,26 +86,26 @@ class DeclaredSet:
         `auth_connector` key is such an extra key too: SPEC §3 matches on event and URL only.
         """
         if text is None:
-            raise InvalidDeclaredSet("declared handler set is missing (no parameter)")
+            raise InvalidDeclaredSetError("declared handler set is missing (no parameter)")
         if not isinstance(text, str):
-            raise InvalidDeclaredSet("declared handler set is not text")
+            raise InvalidDeclaredSetError("declared handler set is not text")
         try:
             document = json.loads(text, object_pairs_hook=_unique_keys)
         except _DuplicateKey as exc:
-            raise InvalidDeclaredSet(f"declared handler set is ambiguous: an object repeats {exc}") from None
+            raise InvalidDeclaredSetError(f"declared handler set is ambiguous: an object repeats {exc}") from None
         except ValueError:  # json.JSONDecodeError
-            raise InvalidDeclaredSet("declared handler set is not parseable JSON") from None
+            raise InvalidDeclaredSetError("declared handler set is not parseable JSON") from None
         except RecursionError:
-            raise InvalidDeclaredSet("declared handler set is nested too deeply to parse") from None
+            raise InvalidDeclaredSetError("declared handler set is nested too deeply to parse") from None
         if not isinstance(document, dict):
-            raise InvalidDeclaredSet("declared handler set is not a JSON object")
+            raise InvalidDeclaredSetError("declared handler set is not a JSON object")
         if "handlers" not in document:
-            raise InvalidDeclaredSet("declared handler set has no 'handlers' key")
+            raise InvalidDeclaredSetError("declared handler set has no 'handlers' key")
         entries = document["handlers"]
         if not isinstance(entries, list):
-            raise InvalidDeclaredSet("declared handler set: 'handlers' is not a list")
+            raise InvalidDeclaredSetError("declared handler set: 'handlers' is not a list")
         if not entries:
-            raise InvalidDeclaredSet("declared handler set: 'handlers' is empty")
+            raise InvalidDeclaredSetError("declared handler set: 'handlers' is empty")
         parsed = [_parse_entry(index, entry) for index, entry in enumerate(entries)]
         return cls(tuple(dict.fromkeys(parsed)))
 
@@ -135,46 +135,46 @@ _KNOWN_KEYS = frozenset({"handlers", "event", "handler", "event_type"})
 def _parse_entry(index: int, entry: object) -> DeclaredHandler:
     where = f"declared handler set: handlers[{index}]"
     if not isinstance(entry, dict):
-        raise InvalidDeclaredSet(f"{where} is not an object")
+        raise InvalidDeclaredSetError(f"{where} is not an object")
 
     if "event" not in entry:
-        raise InvalidDeclaredSet(f"{where} has no 'event'")
+        raise InvalidDeclaredSetError(f"{where} has no 'event'")
     event = entry["event"]
     if not isinstance(event, str):
-        raise InvalidDeclaredSet(f"{where}: 'event' is not a string")
+        raise InvalidDeclaredSetError(f"{where}: 'event' is not a string")
     event = event.strip()
     if not event:
-        raise InvalidDeclaredSet(f"{where}: 'event' is empty or only white space")
+        raise InvalidDeclaredSetError(f"{where}: 'event' is empty or only white space")
 
     offline = False
     if "event_type" in entry:
         event_type = entry["event_type"]
         if not isinstance(event_type, str):
-            raise InvalidDeclaredSet(f"{where}: 'event_type' is present but not a string")
+            raise InvalidDeclaredSetError(f"{where}: 'event_type' is present but not a string")
         if not event_type:
-            raise InvalidDeclaredSet(f"{where}: 'event_type' is present but empty")
+            raise InvalidDeclaredSetError(f"{where}: 'event_type' is present but empty")
         kind = event_type.lower()
         if kind not in (_ONLINE, _OFFLINE):
-            raise InvalidDeclaredSet(f"{where}: 'event_type' is neither 'online' nor 'offline'")
+            raise InvalidDeclaredSetError(f"{where}: 'event_type' is neither 'online' nor 'offline'")
         offline = kind == _OFFLINE
 
     if offline:
         if "handler" in entry:
-            raise InvalidDeclaredSet(
+            raise InvalidDeclaredSetError(
                 f"{where}: an offline entry must not have a 'handler' (ambiguous: it could be an online one)"
             )
         return DeclaredHandler(event=_event_key(event), handler=None, offline=True)
 
     if "handler" not in entry:
-        raise InvalidDeclaredSet(f"{where}: an online entry has no 'handler'")
+        raise InvalidDeclaredSetError(f"{where}: an online entry has no 'handler'")
     handler = entry["handler"]
     if not isinstance(handler, str):
-        raise InvalidDeclaredSet(f"{where}: 'handler' is present but not a string")
+        raise InvalidDeclaredSetError(f"{where}: 'handler' is present but not a string")
     if not handler:
-        raise InvalidDeclaredSet(f"{where}: 'handler' is present but empty")
+        raise InvalidDeclaredSetError(f"{where}: 'handler' is present but empty")
     problem = _url_problem(handler)
     if problem:
-        raise InvalidDeclaredSet(f"{where}: 'handler' {problem}")
+        raise InvalidDeclaredSetError(f"{where}: 'handler' {problem}")
     return DeclaredHandler(event=_event_key(event), handler=handler, offline=False)
 
 

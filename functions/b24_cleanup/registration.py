@@ -20,25 +20,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from .errors import B24Error
+from .errors import B24Error, RegistrationRejectedError
 from .oauth import OAuthClient, trusted_token_url
+from .payload import ONAPPUPDATE, InstallPost
 from .record import PortalRecord, domain_of, valid_member_id
 from .store import PortalStore
 from .tokens import persist
 
 log = logging.getLogger(__name__)
-
-INSTALL = "ONAPPINSTALL"
-UPDATE = "ONAPPUPDATE"
-REGISTRATION_EVENTS = frozenset({INSTALL, UPDATE})
-
-
-class RegistrationInvalid(ValueError):
-    """The body is not a registration at all (→ 400): wrong event, tokens missing."""
-
-
-class RegistrationRejected(Exception):
-    """The OAuth server did not vouch for the body (→ 401, nothing written). The reason is safe to log."""
 
 
 @dataclass(frozen=True)
@@ -48,63 +37,54 @@ class Registration:
     created: bool  # no record existed before
 
 
-def _text(mapping: Mapping[str, Any], key: str) -> str:
-    value = mapping.get(key)
-    return value.strip() if isinstance(value, str) else ""
-
-
-def check_registration(payload: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
-    """The event name and `auth` of a registration body; RegistrationInvalid when it is none."""
-    event = _text(payload, "event").upper()
-    if event not in REGISTRATION_EVENTS:
-        raise RegistrationInvalid("event is not ONAPPINSTALL or ONAPPUPDATE")
-    auth = payload.get("auth")
-    if not isinstance(auth, Mapping):
-        raise RegistrationInvalid("the body has no auth fields")
-    for key in ("refresh_token", "application_token", "member_id"):
-        if not _text(auth, key):
-            raise RegistrationInvalid(f"auth[{key}] is missing")
-    return event, auth
-
-
 def register(
-    payload: Mapping[str, Any],
+    post: InstallPost | Mapping[str, Any],
     store: PortalStore,
     *,
     oauth_url: str | None = None,
     session: requests.Session | None = None,
 ) -> Registration:
-    """Verify an install/update body with the OAuth server and write the portal's record.
+    """Verify an install/update post with the OAuth server and write the portal's record.
 
-    Raises RegistrationInvalid (not a registration body) or RegistrationRejected (not vouched
-    for: nothing was written). ConfigError when the app's credentials are missing.
+    `post` is the typed post (:func:`b24_cleanup.payload.parse_post`) or the parsed body as a dict.
+
+    Raises:
+        RegistrationInvalidError: the body is not a registration (wrong event, auth fields missing).
+        RegistrationRejectedError: the OAuth server did not vouch for it; nothing was written.
+        ConfigError: the app's credentials are missing or unreadable (ours, not the caller's).
+        TransientError: SSM failed while reading or writing the record (the install may be genuine).
     """
-    event, auth = check_registration(payload)
-    posted_member = _text(auth, "member_id")
-    if not valid_member_id(posted_member):
-        raise RegistrationRejected("posted member_id is malformed")
-    token_url = trusted_token_url(_text(auth, "server_endpoint"), oauth_url)
+    if not isinstance(post, InstallPost):
+        post = InstallPost.from_payload(post)
+    posted_member = post.member_id if valid_member_id(post.member_id) else None
+
+    def rejected(reason: str) -> RegistrationRejectedError:
+        return RegistrationRejectedError(reason, posted_member)
+
+    if posted_member is None:
+        raise rejected("posted member_id is malformed")
+    token_url = trusted_token_url(post.server_endpoint, oauth_url)
     if token_url is None:
-        raise RegistrationRejected("no trusted OAuth server for the posted server_endpoint")
+        raise rejected("no trusted OAuth server for the posted server_endpoint")
 
     credentials = store.app_credentials()  # ConfigError propagates: that is ours, not the caller's
     try:
-        answer = OAuthClient(credentials, session=session).refresh(token_url, _text(auth, "refresh_token"))
+        answer = OAuthClient(credentials, session=session).refresh(token_url, post.refresh_token)
     except B24Error as exc:
-        raise RegistrationRejected(f"the OAuth server refused the posted refresh token ({exc.code})") from None
+        raise rejected(f"the OAuth server refused the posted refresh token ({exc.code})") from None
 
     member_id = answer.get("member_id")
     if member_id != posted_member:
-        raise RegistrationRejected("the OAuth server's member_id differs from the posted one")
+        raise rejected("the OAuth server's member_id differs from the posted one")
     client_endpoint = answer.get("client_endpoint")
     if not isinstance(client_endpoint, str) or urlsplit(client_endpoint).scheme not in {"http", "https"}:
-        raise RegistrationRejected("the OAuth server's answer has no usable client_endpoint")
+        raise rejected("the OAuth server's answer has no usable client_endpoint")
 
     existing = store.get(member_id)
     # An install starts a new record (an older install's content goes); an update keeps every
     # other key. An update for a portal with no record is an install.
-    data: dict[str, Any] = dict(existing.data) if (event == UPDATE and existing is not None) else {}
-    scope = answer.get("scope") if isinstance(answer.get("scope"), str) else _text(auth, "scope")
+    data: dict[str, Any] = dict(existing.data) if (post.event == ONAPPUPDATE and existing is not None) else {}
+    scope = answer.get("scope") if isinstance(answer.get("scope"), str) else post.scope
     data.update(
         {
             "member_id": member_id,
@@ -114,15 +94,15 @@ def register(
             "access_token": answer["access_token"],
             "refresh_token": answer["refresh_token"],
             "expires": answer["expires"],
-            "application_token": _text(auth, "application_token"),
+            "application_token": post.application_token,
             "scope": scope,
         }
     )
     data.pop("revoked_at", None)  # a fresh install or update proves the app is there
     # The posted refresh token is spent: this write holds the chain's only copy.
     persist(store, member_id, PortalRecord(data), secure=True)
-    log.info("registered %s for portal %s", event, member_id)
-    return Registration(member_id=member_id, event=event, created=existing is None)
+    log.info("registered %s for portal %s", post.event, member_id)
+    return Registration(member_id=member_id, event=post.event, created=existing is None)
 
 
 def _server_endpoint(token_url: str) -> str:

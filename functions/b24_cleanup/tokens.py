@@ -22,26 +22,39 @@ from .store import PortalStore
 
 log = logging.getLogger(__name__)
 
-# Threads of one process take turns refreshing a portal; across processes the re-read does it.
-_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
-# The newest record this process wrote per portal: a thread that waited for the lock adopts it
-# instead of spending an already-spent refresh token.
-_latest: dict[str, PortalRecord] = {}
-# Pairs rotated at the OAuth server whose write to SSM failed: the only copy of the chain. The
-# next refresh of that portal in this process (the job's retry) stores it instead of spending
-# the dead token.
-_pending: dict[str, PortalRecord] = {}
-
 # A concurrent writer may have refreshed at the OAuth server and not yet written SSM: give its
 # PutParameter this long before the one re-read decides.
 DEFAULT_SETTLE_SECONDS = 1.0
 _PUT_ATTEMPTS = 4
 
 
-def _lock_for(member_id: str) -> threading.Lock:
-    with _locks_guard:
-        return _locks.setdefault(member_id, threading.Lock())
+class ChainState:
+    """What one process knows about its portals' token chains beyond SSM (one per process: see runtime).
+
+    Threads of one process take turns refreshing a portal (`lock`); across processes the re-read
+    does it. `latest` is the newest record this process wrote per portal: a thread that waited for
+    the lock adopts it instead of spending an already-spent refresh token. `pending` holds pairs
+    rotated at the OAuth server whose write to SSM failed, the only copy of the chain: the next
+    refresh of that portal in this process (the job's retry) stores it instead of spending the
+    dead token.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self.latest: dict[str, PortalRecord] = {}
+        self.pending: dict[str, PortalRecord] = {}
+
+    def lock(self, member_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(member_id, threading.Lock())
+
+    def reset(self) -> None:
+        """Forget everything (tests and the demo; a pending pair is dropped with the rest)."""
+        with self._guard:
+            self._locks.clear()
+            self.latest.clear()
+            self.pending.clear()
 
 
 class TokenKeeper:
@@ -54,6 +67,7 @@ class TokenKeeper:
         record: PortalRecord,
         oauth: Callable[[], OAuthClient],
         *,
+        chains: ChainState,
         oauth_url: str | None = None,
         settle_seconds: float = DEFAULT_SETTLE_SECONDS,
         clock: Callable[[], float] = time.time,
@@ -63,6 +77,7 @@ class TokenKeeper:
         self.member_id = member_id
         self.record = record
         self._oauth = oauth
+        self.chains = chains
         self._oauth_url = oauth_url
         self.settle_seconds = settle_seconds
         self.clock = clock
@@ -76,7 +91,7 @@ class TokenKeeper:
 
     def access_token(self) -> str:
         """A token that is not due; refreshes (and persists) first when it is."""
-        if self.record.refresh_due(self.clock()) or self.member_id in _pending:
+        if self.record.refresh_due(self.clock()) or self.member_id in self.chains.pending:
             self.refresh()
         return self.record.access_token
 
@@ -86,15 +101,15 @@ class TokenKeeper:
         `stale_token` is the access token the portal just refused: if another thread of this
         process has replaced it meanwhile, that newer pair is adopted instead of refreshing.
         """
-        with _lock_for(self.member_id):
-            pending = _pending.get(self.member_id)
+        with self.chains.lock(self.member_id):
+            pending = self.chains.pending.get(self.member_id)
             if pending is not None:
                 log.warning("portal %s: storing a rotated token pair an earlier write failed to store", self.member_id)
                 self.record = pending.copy()
                 self._store_rotated()
                 if not self.record.refresh_due(self.clock()):
                     return
-            latest = _latest.get(self.member_id)
+            latest = self.chains.latest.get(self.member_id)
             if (
                 latest is not None
                 and latest.refresh_token != self.record.refresh_token
@@ -114,14 +129,14 @@ class TokenKeeper:
                     return
                 answer = adopted_or_answer
             apply_refresh(self.record.data, answer)
-            _pending[self.member_id] = self.record.copy()
+            self.chains.pending[self.member_id] = self.record.copy()
             self._store_rotated()
 
     def _store_rotated(self) -> None:
         """Persist a just-rotated pair; only once it is stored may it be used (SPEC §5 step 3)."""
         persist(self.store, self.member_id, self.record, sleep=self.sleep)
-        _pending.pop(self.member_id, None)
-        _latest[self.member_id] = self.record.copy()
+        self.chains.pending.pop(self.member_id, None)
+        self.chains.latest[self.member_id] = self.record.copy()
         self.fresh = True
 
     def _call_oauth(self, refresh_token: str) -> dict:

@@ -15,8 +15,9 @@ from conftest import APPLICATION_TOKEN, MEMBER_ID, AwsAccount, Stdout, load_even
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from b24_cleanup import payload, queue, runtime, uninstall
 from b24_cleanup.handlers import endpoint
-from b24_cleanup.payload import MAX_BODY_BYTES
+from b24_cleanup.payload import MAX_BODY_BYTES, InstallPost
 
 TS = "1795172400"
 WRONG_TOKEN = "00000000deadbeef00000000deadbeef"
@@ -39,9 +40,9 @@ SIDE_EFFECT_CALLS = {"sqs.SendMessage", "sqs.SendMessageBatch", "ssm.PutParamete
 
 @pytest.fixture(autouse=True)
 def _fresh_endpoint() -> Any:
-    endpoint.reset_clients()
+    runtime.reset()
     yield
-    endpoint.reset_clients()
+    runtime.reset()
 
 
 def genuine_pairs() -> list[tuple[str, str]]:
@@ -120,7 +121,7 @@ def endpoint_metrics(stdout: Stdout) -> dict[str, float]:
 
 def watched(api_calls: Any) -> Any:
     """Create the endpoint's clients up front so that every AWS call they make is recorded."""
-    return api_calls.watch(endpoint._store().client, endpoint._sqs())
+    return api_calls.watch(runtime.store().client, runtime.sqs())
 
 
 # -- accepted ---------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_repeated_delivery_is_queued_once(mock_aws: AwsAccount, lambda_context: 
 
 
 def test_clean_zero_and_missing_ts(mock_aws: AwsAccount, lambda_context: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(endpoint.time, "time", lambda: 1795172999.75)
+    monkeypatch.setattr(queue.time, "time", lambda: 1795172999.75)
     answer = invoke(http_event(form_body(data_CLEAN="0", ts=None)), lambda_context)
     assert answer["statusCode"] == 200
     (message,) = mock_aws.receive_all()
@@ -196,9 +197,7 @@ def test_exactly_64_kib_is_accepted(mock_aws: AwsAccount, lambda_context: Any) -
 
 
 def _no_clients_created() -> bool:
-    from b24_cleanup.handlers import deps
-
-    return deps.created() == 0
+    return runtime.created() == 0
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"])
@@ -238,7 +237,7 @@ def test_body_over_64_kib_is_413(
 def test_absurd_base64_body_is_413_without_decoding(
     mock_aws: AwsAccount, lambda_context: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(endpoint.base64, "b64decode", lambda *a, **k: pytest.fail("decoded an absurd body"))
+    monkeypatch.setattr(payload.base64, "b64decode", lambda *a, **k: pytest.fail("decoded an absurd body"))
     answer = invoke(http_event("QUFB" * 2_000_000, b64=True), lambda_context)
     assert answer["statusCode"] == 413
     assert mock_aws.queue_depth() == 0
@@ -423,13 +422,13 @@ def test_token_compare_is_constant_time(
     mock_aws: AwsAccount, lambda_context: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[bytes, bytes]] = []
-    real = endpoint.hmac.compare_digest
+    real = uninstall.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         seen.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(endpoint.hmac, "compare_digest", spy)
+    monkeypatch.setattr(uninstall.hmac, "compare_digest", spy)
     invoke(load_event("uninstall_spoofed.json"), lambda_context)
     assert seen == [(APPLICATION_TOKEN.encode(), WRONG_TOKEN.encode())]
 
@@ -477,10 +476,10 @@ def test_registered_install_is_200(
 ) -> None:
     from b24_cleanup import registration
 
-    seen: list[dict[str, Any]] = []
+    seen: list[Any] = []
 
-    def fake_register(payload: dict[str, Any], store: Any, *, oauth_url: str | None = None) -> Any:
-        seen.append(payload)
+    def fake_register(post: Any, store: Any, *, oauth_url: str | None = None) -> Any:
+        seen.append(post)
         return registration.Registration(member_id=MEMBER_ID, event="ONAPPINSTALL", created=False)
 
     monkeypatch.setenv("B24_ACCEPT_INSTALL", "true")
@@ -488,8 +487,11 @@ def test_registered_install_is_200(
     answer = invoke(http_event(_install_body()), lambda_context)
     assert answer["statusCode"] == 200
     assert json.loads(answer["body"]) == {"status": "registered"}
-    (payload,) = seen
-    assert payload["auth"]["refresh_token"] == "posted-refresh-token"  # the generic nested dict
+    (post,) = seen
+    # The body is parsed once, into the typed post registration takes as it is.
+    assert isinstance(post, InstallPost) and post.event == "ONAPPINSTALL"
+    assert post.refresh_token == "posted-refresh-token"
+    assert "posted-refresh-token" not in repr(post)
     assert endpoint_metrics(stdout) == {"InstallsRegistered": 1}
     assert "posted-refresh-token" not in stdout.read()
 
@@ -529,7 +531,7 @@ def _client_error(code: str, status: int) -> ClientError:
 def test_ssm_failure_is_503(
     mock_aws: AwsAccount, lambda_context: Any, stdout: Stdout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = endpoint._store()
+    store = runtime.store()
 
     def throttled(**_: Any) -> None:
         raise _client_error("ThrottlingException", 400)
@@ -549,7 +551,7 @@ def test_sqs_failure_is_503(
     def refused(**_: Any) -> None:
         raise _client_error("InternalError", 500)
 
-    monkeypatch.setattr(endpoint._sqs(), "send_message", refused)
+    monkeypatch.setattr(runtime.sqs(), "send_message", refused)
     answer = invoke(load_event("uninstall_form.json"), lambda_context)
     assert answer["statusCode"] == 503
     assert stdout.metric_values() == {}

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from b24_cleanup.engine import Engine, EngineOptions
-from b24_cleanup.jobs import Action, Job, JobFailed, Outcome
+from b24_cleanup.errors import JobFailedError
+from b24_cleanup.jobs import Action, Job, Outcome
 from b24_cleanup.ops.sandbox import Sandbox, sandbox
 from b24_cleanup.pacing import Backoff
 
@@ -207,7 +208,7 @@ def test_transient_command_failure_fails_the_job_and_a_rerun_finishes(box: Sandb
         lambda m, p: m == "event.unbind" and p.get("handler") == bad, "INTERNAL_SERVER_ERROR", 500, times=1
     )
 
-    with pytest.raises(JobFailed) as failed:
+    with pytest.raises(JobFailedError) as failed:
         make_engine(box).run(sweep_job(seeded))
     first = failed.value.result
     assert first.outcome is Outcome.FAILED
@@ -240,7 +241,7 @@ def test_transient_5xx_raises_and_a_rerun_succeeds(box: Sandbox) -> None:
     seeded = box.add_portal("down.bitrix24.test", handlers=_orphans(2))
     seeded.portal.fail_next(3, "INTERNAL_SERVER_ERROR", 500)
 
-    with pytest.raises(JobFailed) as failed:
+    with pytest.raises(JobFailedError) as failed:
         make_engine(box).run(sweep_job(seeded))
     assert failed.value.result.outcome is Outcome.FAILED
     assert failed.value.result.metrics()["PortalsFailed"] == 1
@@ -252,7 +253,7 @@ def test_transient_5xx_raises_and_a_rerun_succeeds(box: Sandbox) -> None:
 def test_overload_limit_is_not_hammered(box: Sandbox) -> None:
     seeded = box.add_portal("blocked.bitrix24.test", handlers=_orphans(1))
     seeded.portal.fail_next(5, "OVERLOAD_LIMIT", 503)
-    with pytest.raises(JobFailed):
+    with pytest.raises(JobFailedError):
         make_engine(box).run(sweep_job(seeded))
     assert rest_calls(box, seeded.member_id) == 1
 

@@ -14,9 +14,10 @@ import boto3
 import pytest
 import requests
 
-from b24_cleanup.access import PortalNotFound, TokenAccess
+from b24_cleanup import runtime
+from b24_cleanup.access import PortalNotFoundError, TokenAccess
 from b24_cleanup.engine import Engine, EngineOptions
-from b24_cleanup.errors import InvalidGrantError
+from b24_cleanup.errors import InvalidGrantError, RegistrationInvalidError, RegistrationRejectedError
 from b24_cleanup.jobs import Action, Job, Outcome
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops.emulator import payloads
@@ -24,7 +25,7 @@ from b24_cleanup.ops.functionurl import FakeContext, FunctionUrl
 from b24_cleanup.ops.sandbox import Sandbox, sandbox
 from b24_cleanup.pacing import Backoff
 from b24_cleanup.payload import parse_event_body
-from b24_cleanup.registration import RegistrationInvalid, RegistrationRejected, register
+from b24_cleanup.registration import register
 
 FAST = EngineOptions(backoff=Backoff(attempts=2, base=0.01, cap=0.02), settle_seconds=0.05)
 
@@ -157,7 +158,7 @@ def test_spoofed_registrations_write_nothing(box: Sandbox) -> None:
     for name, (body, oauth_url) in _spoofs(box).items():
         before = ssm_versions(box)
         oauth_before = len(box.emulator.requests_log(kind="oauth"))
-        with pytest.raises(RegistrationRejected):
+        with pytest.raises(RegistrationRejectedError):
             register(body, box.store, oauth_url=oauth_url)
         assert ssm_versions(box) == before, name
         if oauth_url is None:  # an untrusted host is never contacted
@@ -168,7 +169,7 @@ def test_spoofed_registrations_write_nothing(box: Sandbox) -> None:
 def test_body_without_tokens_is_not_a_registration(box: Sandbox, missing: str) -> None:
     body = install_body(box)
     del body["auth"][missing]
-    with pytest.raises(RegistrationInvalid):
+    with pytest.raises(RegistrationInvalidError):
         register(body, box.store, oauth_url=box.emulator.oauth_url)
 
 
@@ -181,9 +182,9 @@ def endpoint_env(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
 
     for key, value in box.env(B24_OAUTH_URL=box.emulator.oauth_url).items():
         monkeypatch.setenv(key, value)
-    endpoint.reset_clients()
+    runtime.reset()
     yield endpoint
-    endpoint.reset_clients()
+    runtime.reset()
 
 
 def queue_depth(box: Sandbox) -> int:
@@ -258,7 +259,7 @@ def test_token_access_refreshes_when_due_and_persists_first(box: Sandbox) -> Non
     again = access.get(seeded.member_id)  # not due any more: no second refresh
     assert again.access_token == portal.access_token
     assert len(box.emulator.requests_log(kind="oauth")) == 1
-    with pytest.raises(PortalNotFound):
+    with pytest.raises(PortalNotFoundError):
         access.get("0" * 32)
 
 
@@ -280,7 +281,7 @@ def test_token_access_after_expired_token(box: Sandbox) -> None:
 
 
 def test_refresh_raced_by_another_writer_adopts_its_pair(box: Sandbox) -> None:
-    from b24_cleanup.tokens import TokenKeeper
+    from b24_cleanup.tokens import ChainState, TokenKeeper
 
     seeded = box.add_portal("race.bitrix24.test", expired=True)
     stale = box.record(seeded.member_id)
@@ -288,7 +289,12 @@ def test_refresh_raced_by_another_writer_adopts_its_pair(box: Sandbox) -> None:
     winner = box.record(seeded.member_id)
 
     keeper = TokenKeeper(
-        box.store, seeded.member_id, stale, lambda: OAuthClient(box.store.app_credentials()), settle_seconds=0.05
+        box.store,
+        seeded.member_id,
+        stale,
+        lambda: OAuthClient(box.store.app_credentials()),
+        chains=ChainState(),  # another process: it knows nothing of the app's refresh
+        settle_seconds=0.05,
     )
     token = keeper.access_token()  # refresh with the spent token → invalid_grant → re-read
 

@@ -13,17 +13,20 @@ from typing import Any
 import pytest
 from conftest import MEMBER_ID, AwsAccount, Stdout, load_event
 
+from b24_cleanup import runtime
+from b24_cleanup.errors import EnqueueFailedError
 from b24_cleanup.handlers import scheduler
-from b24_cleanup.handlers.scheduler import BATCH_SIZE, EnqueueFailed, enqueue_sweeps, scheduled_time_of
+from b24_cleanup.handlers.scheduler import scheduled_time_of
+from b24_cleanup.queue import BATCH_SIZE, JobQueue
 
 SCHEDULED = "2026-11-25T02:00:00Z"
 
 
 @pytest.fixture(autouse=True)
 def _fresh_scheduler() -> Iterator[None]:
-    scheduler.reset_clients()
+    runtime.reset()
     yield
-    scheduler.reset_clients()
+    runtime.reset()
 
 
 def member_ids(n: int) -> list[str]:
@@ -70,9 +73,9 @@ def test_2500_portals_one_job_each_in_batches_of_ten_and_a_retried_run_adds_noth
     mock_aws: AwsAccount, lambda_context: Any, stdout: Stdout, api_calls: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = seed(mock_aws, 2_500)
-    calls = api_calls.watch(scheduler._store().client)
+    calls = api_calls.watch(runtime.store().client)
     fifo = FakeSqs()
-    monkeypatch.setattr(scheduler, "_sqs", lambda: fifo)
+    monkeypatch.setattr(runtime, "sqs", lambda: fifo)
 
     result = scheduler.lambda_handler(load_event("scheduler.json"), lambda_context)
 
@@ -103,8 +106,8 @@ def test_on_moto_sqs_one_message_per_portal_and_fifo_dedup_on_a_retried_run(
     mock_aws: AwsAccount, lambda_context: Any, stdout: Stdout, api_calls: Any
 ) -> None:
     ids = seed(mock_aws, 57)
-    calls = api_calls.watch(scheduler._store().client, scheduler._sqs())
-    sizes = BatchSizes().watch(scheduler._sqs())
+    calls = api_calls.watch(runtime.store().client, runtime.sqs())
+    sizes = BatchSizes().watch(runtime.sqs())
 
     assert scheduler.lambda_handler(load_event("scheduler.json"), lambda_context)["enqueued"] == 57
     assert sizes == [10] * 5 + [7]
@@ -183,7 +186,7 @@ def test_invalid_declared_set_enqueues_nothing(
 ) -> None:
     seed(mock_aws, 5)
     mock_aws.put_declared(declared)
-    calls = api_calls.watch(scheduler._store().client, scheduler._sqs())
+    calls = api_calls.watch(runtime.store().client, runtime.sqs())
 
     result = scheduler.lambda_handler(load_event("scheduler.json"), lambda_context)
 
@@ -202,7 +205,7 @@ def test_a_listing_failure_fails_the_run_loudly(
     mock_aws: AwsAccount, lambda_context: Any, stdout: Stdout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seed(mock_aws, 120)
-    store = scheduler._store()
+    store = runtime.store()
     real = store.iter_member_ids
 
     def broken_after_60() -> Iterator[str]:
@@ -212,7 +215,7 @@ def test_a_listing_failure_fails_the_run_loudly(
             yield member_id
 
     monkeypatch.setattr(store, "iter_member_ids", broken_after_60)
-    with pytest.raises(EnqueueFailed) as caught:
+    with pytest.raises(EnqueueFailedError) as caught:
         scheduler.lambda_handler(load_event("scheduler.json"), lambda_context)
     assert caught.value.sent == 60
     assert mock_aws.queue_depth() == 60
@@ -267,7 +270,7 @@ def no_sleep(_: float) -> None:
 def test_failed_entries_are_resent_and_only_they() -> None:
     sqs = FakeSqs(fail={0: 3, 1: 1})
     ids = member_ids(25)
-    sent = enqueue_sweeps(iter(ids), sqs, "queue", SCHEDULED, sleep=no_sleep)
+    sent = JobQueue(sqs, "queue", sleep=no_sleep).send_sweeps(iter(ids), SCHEDULED)
     assert sent == 25
     assert sorted(sqs.accepted_ids) == sorted(ids)
     assert sqs.calls[0] == ids[:10]
@@ -279,8 +282,8 @@ def test_failed_entries_are_resent_and_only_they() -> None:
 def test_entries_that_keep_failing_fail_the_run_after_bounded_retries() -> None:
     sqs = FakeSqs(fail=dict.fromkeys(range(1, 100), 2))
     slept: list[float] = []
-    with pytest.raises(EnqueueFailed, match="after 5 attempts") as caught:
-        enqueue_sweeps(iter(member_ids(40)), sqs, "queue", SCHEDULED, sleep=slept.append)
+    with pytest.raises(EnqueueFailedError, match="after 5 attempts") as caught:
+        JobQueue(sqs, "queue", sleep=slept.append).send_sweeps(iter(member_ids(40)), SCHEDULED)
     assert caught.value.sent == 10  # the first batch went through
     assert len(sqs.calls) == 1 + 5
     assert len(slept) == 4
@@ -289,8 +292,8 @@ def test_entries_that_keep_failing_fail_the_run_after_bounded_retries() -> None:
 
 def test_sender_faults_are_not_retried() -> None:
     sqs = FakeSqs(fail={0: 1}, sender_fault=True)
-    with pytest.raises(EnqueueFailed, match="sender"):
-        enqueue_sweeps(iter(member_ids(5)), sqs, "queue", SCHEDULED, sleep=no_sleep)
+    with pytest.raises(EnqueueFailedError, match="sender"):
+        JobQueue(sqs, "queue", sleep=no_sleep).send_sweeps(iter(member_ids(5)), SCHEDULED)
     assert len(sqs.calls) == 1
 
 
@@ -306,7 +309,7 @@ def test_at_most_one_batch_is_held() -> None:
             drawn += 1
             yield member_id
 
-    assert enqueue_sweeps(listing(), sqs, "queue", SCHEDULED) == 1_003
+    assert JobQueue(sqs, "queue").send_sweeps(listing(), SCHEDULED) == 1_003
     assert [len(call) for call in sqs.calls] == [10] * 100 + [3]
 
 
@@ -320,7 +323,7 @@ def _peak_bytes(n: int) -> int:
     gc.collect()
     tracemalloc.start()
     try:
-        assert enqueue_sweeps(listing(), sqs, "queue", SCHEDULED) == n
+        assert JobQueue(sqs, "queue").send_sweeps(listing(), SCHEDULED) == n
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

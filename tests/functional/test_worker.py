@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from conftest import APPLICATION_TOKEN, MEMBER_ID, load_event
 
+from b24_cleanup import runtime
 from b24_cleanup.handlers import worker
 from b24_cleanup.ops.sandbox import Sandbox, collect_results, sandbox
 
@@ -23,16 +24,16 @@ def box(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
     with sandbox(declared=[{"event": "ONCRMLEADADD", "handler": APP_URL}]) as sb:
         for key, value in sb.env().items():
             monkeypatch.setenv(key, value)
-        worker.reset_engine()
+        runtime.reset()
         from b24_cleanup.engine import EngineOptions
         from b24_cleanup.pacing import Backoff
 
         fast = EngineOptions(backoff=Backoff(attempts=2, base=0.01, cap=0.02), settle_seconds=0.05)
-        engine = worker.engine()
+        engine = runtime.engine()
         engine.options = fast
         engine.buckets = type(engine.buckets)(fast.rate, fast.burst)
         yield sb
-        worker.reset_engine()
+        runtime.reset()
 
 
 def record(body: dict[str, Any], message_id: str, group: str, template: dict[str, Any]) -> dict[str, Any]:
@@ -195,23 +196,27 @@ def test_a_declared_set_changed_between_invocations_applies_to_the_next_batch(
     assert seeded.portal.handlers(box.app) == []
 
 
-def test_the_worker_follows_its_environment_between_invocations(
+def test_the_worker_reads_its_settings_once_per_process_and_again_after_a_reset(
     box: Sandbox, lambda_context: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On Lambda the environment never changes; a process driving the handler with other settings
-    (a harness, the demo) must not get an engine built for the old ones."""
+    """On Lambda the environment never changes; a process that drives the handler with other
+    settings (a harness, the demo) resets the runtime and gets an engine built for the new ones."""
     template = load_event("worker_sweep.json")["Records"][0]
     seeded = box.add_portal("env.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD_URL}])
     event = {"Records": [record({"action": "sweep", "member_id": seeded.member_id}, "m1", seeded.member_id, template)]}
-    worker.reset_engine()
 
     monkeypatch.setenv("B24_DRY_RUN", "true")
+    runtime.reset()
     with collect_results() as dry:
         worker.lambda_handler(event, lambda_context)
     monkeypatch.setenv("B24_DRY_RUN", "false")
+    with collect_results() as still_dry:  # no reset: the process keeps what it read
+        worker.lambda_handler(event, lambda_context)
+    runtime.reset()
     with collect_results() as real:
         worker.lambda_handler(event, lambda_context)
 
     assert [(j["outcome"], j["dry_run"]) for j in dry.jobs] == [("cleaned", True)]
+    assert [(j["outcome"], j["dry_run"]) for j in still_dry.jobs] == [("cleaned", True)]
     assert [(j["outcome"], j["dry_run"]) for j in real.jobs] == [("cleaned", False)]
     assert seeded.portal.handlers(box.app) == []

@@ -32,9 +32,11 @@ import boto3
 import pytest
 from conftest import emulator_secrets, find_secrets
 
+from b24_cleanup import runtime
 from b24_cleanup.access import TokenAccess
 from b24_cleanup.engine import Engine, EngineOptions
-from b24_cleanup.jobs import Action, Job, JobFailed, Outcome
+from b24_cleanup.errors import JobFailedError
+from b24_cleanup.jobs import Action, Job, Outcome
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops import cli
 from b24_cleanup.ops.emulator import payloads
@@ -140,13 +142,10 @@ def box(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
     with sandbox(declared=DECLARED, timeout_delay=0.05) as sb:
         for key, value in sb.env(POWERTOOLS_METRICS_NAMESPACE="B24Cleanup").items():
             monkeypatch.setenv(key, value)
-        from b24_cleanup.handlers import endpoint, scheduler, worker
 
-        for reset in (endpoint.reset_clients, scheduler.reset_clients, worker.reset_engine):
-            reset()
+        runtime.reset()
         yield sb
-        for reset in (endpoint.reset_clients, scheduler.reset_clients, worker.reset_engine):
-            reset()
+        runtime.reset()
 
 
 def install_body(box: Sandbox, inst: Any) -> dict[str, Any]:
@@ -236,17 +235,17 @@ def test_worker_failure_paths_leak_nothing(box: Sandbox, seen: Seen) -> None:
     sqs.send_message(
         QueueUrl=box.queue_url, MessageBody="{not json", MessageGroupId="bad", MessageDeduplicationId="leak-bad"
     )
-    worker._engine = Engine(box.store, options=FAST)
+    runtime.use_engine(Engine(box.store, options=FAST))
     drain(sqs, box.queue_url, worker.lambda_handler, FakeContext())
 
     # The same failures raised directly, as the CLI and the app's own code see them.
     engine = Engine(box.store, options=FAST)
     for seeded in (flaky, slow, blocked):
-        failed = seen.expect(JobFailed, lambda s=seeded: engine.run(Job(Action.SWEEP, s.member_id)))
+        failed = seen.expect(JobFailedError, lambda s=seeded: engine.run(Job(Action.SWEEP, s.member_id)))
         assert failed.result.outcome is Outcome.FAILED
     expired = box.add_portal("expired.bitrix24.test", expired=True)
     dead = Engine(box.store, oauth_url=DEAD_OAUTH, options=FAST)
-    failed = seen.expect(JobFailed, lambda: dead.run(Job(Action.SWEEP, expired.member_id)))
+    failed = seen.expect(JobFailedError, lambda: dead.run(Job(Action.SWEEP, expired.member_id)))
     assert "OAUTH_UNREACHABLE" in str(failed)
     seen.expect(
         Exception,
@@ -278,13 +277,13 @@ def test_endpoint_registration_and_token_access_leak_nothing(
 ) -> None:
     """Genuine and spoofed uninstalls and installs through the endpoint; rejected registrations; the app-side
     token API refreshing, after expired_token, for an unknown portal and for an uninstalled one."""
-    from b24_cleanup.access import PortalNotFound
+    from b24_cleanup.access import PortalNotFoundError
+    from b24_cleanup.errors import RegistrationInvalidError, RegistrationRejectedError
     from b24_cleanup.handlers import endpoint
-    from b24_cleanup.registration import RegistrationInvalid, RegistrationRejected
 
     monkeypatch.setenv("B24_ACCEPT_INSTALL", "true")
     monkeypatch.setenv("B24_OAUTH_URL", box.emulator.oauth_url)
-    endpoint.reset_clients()
+    runtime.reset()
 
     def post(pairs: list[tuple[str, str]]) -> int:
         event = function_url_event(
@@ -308,15 +307,16 @@ def test_endpoint_registration_and_token_access_leak_nothing(
 
     fresh = box.emulator.install(box.emulator.add_portal("lib.bitrix24.test"), box.app)
     body = install_body(box, fresh)
-    seen.expect(RegistrationRejected, lambda: register(body, box.store, oauth_url=DEAD_OAUTH))
+    seen.expect(RegistrationRejectedError, lambda: register(body, box.store, oauth_url=DEAD_OAUTH))
     seen.expect(
-        RegistrationRejected, lambda: register(install_body(box, other), box.store, oauth_url=box.emulator.oauth_url)
+        RegistrationRejectedError,
+        lambda: register(install_body(box, other), box.store, oauth_url=box.emulator.oauth_url),
     )
     liar = install_body(box, box.emulator.install(box.emulator.add_portal("liar.bitrix24.test"), box.app))
     liar["auth"]["member_id"] = "0" * 32  # the OAuth server's answer names another portal
-    seen.expect(RegistrationRejected, lambda: register(liar, box.store, oauth_url=box.emulator.oauth_url))
+    seen.expect(RegistrationRejectedError, lambda: register(liar, box.store, oauth_url=box.emulator.oauth_url))
     seen.expect(
-        RegistrationInvalid, lambda: register({"event": "ONAPPINSTALL", "auth": {"refresh_token": "x"}}, box.store)
+        RegistrationInvalidError, lambda: register({"event": "ONAPPINSTALL", "auth": {"refresh_token": "x"}}, box.store)
     )
     register(body, box.store, oauth_url=box.emulator.oauth_url)
 
@@ -325,12 +325,12 @@ def test_endpoint_registration_and_token_access_leak_nothing(
     fresh.portal.expire_tokens(box.app)
     again = tokens.after_expired(fresh.member_id, access.access_token)
     seen.add(repr(access), str(access), repr(again))
-    seen.expect(PortalNotFound, lambda: tokens.get("0" * 32))
+    seen.expect(PortalNotFoundError, lambda: tokens.get("0" * 32))
     gone = box.add_portal("gone.bitrix24.test", expired=True)
     box.emulator.uninstall(gone.portal, box.app)
     seen.expect(Exception, lambda: tokens.get(gone.member_id))  # refused by the OAuth server, after the re-read
     seen.add(repr(box.record(fresh.member_id)), repr(Job(Action.UNINSTALL, home.member_id, "t" * 32)))
-    endpoint.reset_clients()
+    runtime.reset()
     seen.assert_clean(min_records=8)
 
 
@@ -408,7 +408,7 @@ def test_debug_logging_leaks_nothing(box: Sandbox, capfd: pytest.CaptureFixture[
         MessageGroupId=seeded.member_id,
         MessageDeduplicationId="debug",
     )
-    worker._engine = Engine(box.store, options=FAST)
+    runtime.use_engine(Engine(box.store, options=FAST))
     root = logging.getLogger()
     records = _Records()
     # Only this handler sees the DEBUG records: the session guard and pytest's log capture are set aside, so

@@ -38,13 +38,13 @@ from conftest import APPLICATION_TOKEN, MEMBER_ID, AwsAccount, load_event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from b24_cleanup import tokens
+from b24_cleanup import runtime, tokens
 from b24_cleanup.access import TokenAccess
 from b24_cleanup.client import PortalClient
 from b24_cleanup.engine import Engine, EngineOptions
-from b24_cleanup.errors import TransientError
+from b24_cleanup.errors import JobFailedError, TransientError
 from b24_cleanup.handlers import endpoint, scheduler, worker
-from b24_cleanup.jobs import Action, Job, JobFailed, JobResult, Outcome
+from b24_cleanup.jobs import Action, Job, JobResult, Outcome
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops.emulator import Emulator, payloads
 from b24_cleanup.ops.functionurl import FakeContext, function_url_event
@@ -100,7 +100,7 @@ def sweep(member_id: str) -> Job:
 def run(engine: Engine, job: Job) -> JobResult:
     try:
         return engine.run(job)
-    except JobFailed as failed:
+    except JobFailedError as failed:
         return failed.result
 
 
@@ -197,11 +197,9 @@ def test_ssm_faults_during_a_refresh_are_retried_and_nothing_is_lost(box: Sandbo
 def handler_env(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
     for key, value in box.env().items():
         monkeypatch.setenv(key, value)
-    for reset in (endpoint.reset_clients, scheduler.reset_clients, worker.reset_engine):
-        reset()
+    runtime.reset()
     yield box
-    for reset in (endpoint.reset_clients, scheduler.reset_clients, worker.reset_engine):
-        reset()
+    runtime.reset()
 
 
 def queued(box: Sandbox, queue_url: str | None = None) -> list[dict[str, Any]]:
@@ -228,7 +226,7 @@ def post_uninstall(box: Sandbox, seeded: Any, token: str) -> dict[str, Any]:
 def test_endpoint_ssm_and_sqs_faults_are_retried_and_queue_one_job(handler_env: Sandbox) -> None:
     box = handler_env
     seeded = box.add_portal("bye.bitrix24.test", handlers=DECLARED_ROWS)
-    faults = AwsFaults().attach(endpoint._store().client, endpoint._sqs())
+    faults = AwsFaults().attach(runtime.store().client, runtime.sqs())
     faults.fail_next("ssm.GetParameter", "5xx", "reset")
     faults.fail_next("sqs.SendMessage", "5xx", "lost_reply")  # the lost reply's message did arrive
 
@@ -243,7 +241,7 @@ def test_endpoint_ssm_and_sqs_faults_are_retried_and_queue_one_job(handler_env: 
 def test_scheduler_fan_out_survives_ssm_and_sqs_faults_without_duplicates(handler_env: Sandbox) -> None:
     box = handler_env
     members = {box.add_portal(f"s{i}.bitrix24.test").member_id for i in range(23)}
-    faults = AwsFaults().attach(scheduler._store().client, scheduler._sqs())
+    faults = AwsFaults().attach(runtime.store().client, runtime.sqs())
     faults.fail_next("ssm.GetParameter", "reset")
     faults.fail_next("ssm.DescribeParameters", "5xx", "lost_reply")
     faults.fail_next("sqs.SendMessageBatch", "lost_reply", "5xx", "reset", "lost_reply")
@@ -262,7 +260,7 @@ def test_ssm_failing_beyond_retries_fails_the_job_until_the_dlq(handler_env: San
     seeded = box.add_portal("down.bitrix24.test", handlers=DECLARED_ROWS + ORPHAN_ROWS)
     store = PortalStore(box.prefix, client=boto3.client("ssm", config=NO_RETRIES))
     faults = AwsFaults(1.0, kinds=("5xx",), operations={"ssm.GetParameter"}).attach(store.client)
-    worker._engine = Engine(store, options=FAST)
+    runtime.use_engine(Engine(store, options=FAST))
     sqs = boto3.client("sqs")
     sqs.send_message(
         QueueUrl=box.queue_url,
@@ -319,7 +317,7 @@ def _refresh_whose_write_fails(box: Sandbox, monkeypatch: pytest.MonkeyPatch) ->
     records = _Records()
     logging.getLogger("b24_cleanup.tokens").addHandler(records)
     try:
-        with pytest.raises(JobFailed) as failed:
+        with pytest.raises(JobFailedError) as failed:
             _engine_without_sleeps(store, monkeypatch).run(sweep(seeded.member_id))
     finally:
         logging.getLogger("b24_cleanup.tokens").removeHandler(records)
@@ -369,7 +367,7 @@ def test_a_registration_whose_write_fails_once_keeps_the_chain(box: Sandbox) -> 
 
 
 class _NoMemory(dict):
-    """Stands in for tokens._latest: remembers nothing, as another process would not."""
+    """Stands in for the chain state's `latest`: remembers nothing, as another process would not."""
 
     def __setitem__(self, key: str, value: Any) -> None:
         return None
@@ -379,8 +377,8 @@ class _NoMemory(dict):
 def isolation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """`two containers`: the threads share nothing but SSM and the OAuth server, like two Lambda containers."""
     if request.param == "two containers":
-        monkeypatch.setattr(tokens, "_latest", _NoMemory())
-        monkeypatch.setattr(tokens, "_lock_for", lambda _member_id: threading.Lock())
+        monkeypatch.setattr(runtime.chains(), "latest", _NoMemory())
+        monkeypatch.setattr(runtime.chains(), "lock", lambda _member_id: threading.Lock())
     return request.param
 
 
@@ -588,11 +586,11 @@ class Outbound:
 
 @pytest.fixture
 def watched_endpoint(mock_aws: AwsAccount, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[AwsLog, Outbound]]:
-    endpoint.reset_clients()
-    log = AwsLog().watch(endpoint._store().client, endpoint._sqs())
+    runtime.reset()
+    log = AwsLog().watch(runtime.store().client, runtime.sqs())
     outbound = Outbound().install(monkeypatch)
     yield log, outbound
-    endpoint.reset_clients()
+    runtime.reset()
 
 
 def _genuine_pairs() -> list[tuple[str, str]]:
@@ -1091,11 +1089,11 @@ def install_endpoint(
     with Emulator() as emu:
         monkeypatch.setenv("B24_ACCEPT_INSTALL", "true")
         monkeypatch.setenv("B24_OAUTH_URL", emu.oauth_url)
-        endpoint.reset_clients()
-        log = AwsLog().watch(endpoint._store().client, endpoint._sqs())
+        runtime.reset()
+        log = AwsLog().watch(runtime.store().client, runtime.sqs())
         outbound = Outbound(allow=(emu.oauth_url,)).install(monkeypatch)
         yield log, outbound, emu
-        endpoint.reset_clients()
+        runtime.reset()
 
 
 _install_auth = st.fixed_dictionaries(
@@ -1162,11 +1160,11 @@ def untrusted_endpoint(mock_aws: AwsAccount, monkeypatch: pytest.MonkeyPatch) ->
     """B24_ACCEPT_INSTALL on and no B24_OAUTH_URL: the posted server_endpoint decides (SPEC §9)."""
     monkeypatch.setenv("B24_ACCEPT_INSTALL", "true")
     monkeypatch.delenv("B24_OAUTH_URL", raising=False)
-    endpoint.reset_clients()
-    log = AwsLog().watch(endpoint._store().client, endpoint._sqs())
+    runtime.reset()
+    log = AwsLog().watch(runtime.store().client, runtime.sqs())
     outbound = Outbound().install(monkeypatch)  # blocks everything: even a trusted host is unreachable
     yield log, outbound
-    endpoint.reset_clients()
+    runtime.reset()
 
 
 @settings(FUZZ, max_examples=300)
@@ -1205,13 +1203,13 @@ def test_the_endpoint_compares_application_tokens_in_constant_time(
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
 
-    endpoint.reset_clients()
+    runtime.reset()
     for token in (WRONG_TOKEN, "ключ-" + WRONG_TOKEN, APPLICATION_TOKEN):
         body = urlencode([(k, token if k == "auth[application_token]" else v) for k, v in GENUINE_PAIRS])
         status = endpoint.lambda_handler(_event(body), FakeContext())["statusCode"]
         assert status == (200 if token == APPLICATION_TOKEN else 401)
         assert seen[-1] == (APPLICATION_TOKEN.encode(), token.encode())
-    endpoint.reset_clients()
+    runtime.reset()
 
 
 def test_the_worker_compares_application_tokens_in_constant_time(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""The event body parser (payload.py): PHP bracket forms, JSON, limits, and the EventPost view."""
+"""The event body parser (payload.py): PHP bracket forms, JSON, limits, and the UninstallPost view."""
 
 from __future__ import annotations
 
@@ -18,10 +18,16 @@ from b24_cleanup.payload import (
     MAX_BODY_BYTES,
     MAX_DEPTH,
     MAX_FIELDS,
-    EventPost,
+    ONAPPINSTALL,
+    ONAPPUNINSTALL,
+    ONAPPUPDATE,
+    InstallPost,
     PayloadError,
-    PayloadTooLarge,
+    PayloadTooLargeError,
+    RegistrationInvalidError,
+    UninstallPost,
     parse_event_body,
+    parse_post,
 )
 
 SECRET = "S3CR3T-VALUE-0123456789abcdef"
@@ -72,8 +78,8 @@ def test_json_body_has_the_same_structure() -> None:
 
 
 def test_event_post_from_form_and_json_agree() -> None:
-    form = EventPost.from_payload(parse_event_body(form_body_of("uninstall_form.json"), FORM_TYPE))
-    as_json = EventPost.from_payload(
+    form = UninstallPost.from_payload(parse_event_body(form_body_of("uninstall_form.json"), FORM_TYPE))
+    as_json = UninstallPost.from_payload(
         parse_event_body(load_event("uninstall_json.json")["body"].encode(), "application/json")
     )
     assert form == as_json
@@ -88,7 +94,7 @@ def test_event_post_from_form_and_json_agree() -> None:
 
 def test_repr_never_shows_tokens() -> None:
     body = form_body_of("uninstall_form.json") + b"&auth%5Baccess_token%5D=" + SECRET.encode()
-    post = EventPost.from_payload(parse_event_body(body, FORM_TYPE))
+    post = UninstallPost.from_payload(parse_event_body(body, FORM_TYPE))
     for text in (repr(post), str(post), f"{post}", f"{post!r}"):
         assert APPLICATION_TOKEN not in text
         assert SECRET not in text
@@ -178,7 +184,7 @@ def test_encoding_problems(body: bytes, reason: str) -> None:
 def test_size_limit_is_enforced_by_the_core_too() -> None:
     body = b"a=" + b"x" * (MAX_BODY_BYTES - 2)
     parse_event_body(body, FORM_TYPE)
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(PayloadTooLargeError):
         parse_event_body(body + b"x", FORM_TYPE)
 
 
@@ -244,7 +250,7 @@ def test_json_depth_and_size_limits() -> None:
         parse_event_body(json.dumps({"a": list(range(MAX_FIELDS + 1))}).encode(), "application/json")
 
 
-# -- EventPost --------------------------------------------------------------------------------------
+# -- UninstallPost --------------------------------------------------------------------------------------
 
 
 def _payload(**changes: Any) -> dict[str, Any]:
@@ -284,7 +290,7 @@ def _payload(**changes: Any) -> dict[str, Any]:
 )
 def test_event_post_refuses_what_the_uninstall_path_cannot_use(changes: dict[str, Any], reason: str) -> None:
     with pytest.raises(PayloadError, match=reason) as caught:
-        EventPost.from_payload(_payload(**changes))
+        UninstallPost.from_payload(_payload(**changes))
     assert SECRET not in str(caught.value)
     assert APPLICATION_TOKEN not in str(caught.value)
 
@@ -296,22 +302,22 @@ def test_event_post_refuses_what_the_uninstall_path_cannot_use(changes: dict[str
 def test_clean_flag(clean: Any, expected: bool | None) -> None:
     payload = _payload()
     payload["data"]["CLEAN"] = clean
-    assert EventPost.from_payload(payload).clean is expected
+    assert UninstallPost.from_payload(payload).clean is expected
 
 
 def test_optional_fields() -> None:
-    post = EventPost.from_payload(_payload(ts=None, data=None, event="onappuninstall"))
+    post = UninstallPost.from_payload(_payload(ts=None, data=None, event="onappuninstall"))
     assert post.ts is None
     assert post.clean is None
     assert post.data == {}
     assert post.event == "ONAPPUNINSTALL"
-    assert EventPost.from_payload(_payload(ts=1795172400)).ts == "1795172400"
-    assert EventPost.from_payload(_payload(ts="")).ts is None
+    assert UninstallPost.from_payload(_payload(ts=1795172400)).ts == "1795172400"
+    assert UninstallPost.from_payload(_payload(ts="")).ts is None
 
 
 def test_token_is_not_stripped() -> None:
     # Compared byte for byte with the stored one: padding must not turn a wrong token into a right one.
-    post = EventPost.from_payload(_payload(auth_application_token=f" {APPLICATION_TOKEN} "))
+    post = UninstallPost.from_payload(_payload(auth_application_token=f" {APPLICATION_TOKEN} "))
     assert post.application_token == f" {APPLICATION_TOKEN} "
 
 
@@ -356,4 +362,34 @@ def test_parser_only_ever_raises_payload_error(body: bytes, content_type: str | 
         return
     assert isinstance(result, dict)
     with contextlib.suppress(PayloadError):
-        EventPost.from_payload(result)
+        UninstallPost.from_payload(result)
+
+
+# -- parse_post: one typed post per body -------------------------------------------------------------
+
+
+def test_parse_post_gives_an_uninstall_post_for_an_uninstall() -> None:
+    post = parse_post(_payload())
+    assert isinstance(post, UninstallPost)
+    assert post.event == ONAPPUNINSTALL
+
+
+@pytest.mark.parametrize("event", [ONAPPINSTALL, ONAPPUPDATE, " onappinstall "])
+def test_parse_post_gives_an_install_post_for_an_install_or_update(event: str) -> None:
+    post = parse_post(_payload(event=event, auth_refresh_token=f" {SECRET} ", auth_scope="crm"))
+    assert isinstance(post, InstallPost)
+    assert post.event == event.strip().upper()
+    assert post.refresh_token == SECRET  # stripped, as registration always did
+    assert post.scope == "crm"
+    assert SECRET not in repr(post) and SECRET not in str(post)
+
+
+def test_an_install_body_without_its_tokens_is_registration_invalid() -> None:
+    with pytest.raises(RegistrationInvalidError, match=r"auth\[refresh_token\] is missing") as caught:
+        parse_post(_payload(event=ONAPPINSTALL))
+    assert isinstance(caught.value, PayloadError)  # a 400, like every other unusable body
+
+
+def test_parse_post_refuses_other_events() -> None:
+    with pytest.raises(PayloadError, match="event is not ONAPPUNINSTALL"):
+        parse_post(_payload(event="ONCRMLEADADD"))

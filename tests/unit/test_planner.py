@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from b24_cleanup.commands import Command
-from b24_cleanup.errors import ConfigError, InvalidDeclaredSet, PermanentError
+from b24_cleanup.errors import ConfigError, InvalidDeclaredSetError, PermanentError
 from b24_cleanup.planner import (
     DeclaredHandler,
     DeclaredSet,
@@ -42,7 +42,7 @@ def offline(event: str, connector_id: str = "") -> HandlerRow:
 
 
 def invalid(text: str | None) -> str:
-    with pytest.raises(InvalidDeclaredSet) as info:
+    with pytest.raises(InvalidDeclaredSetError) as info:
         DeclaredSet.parse(text)
     return str(info.value)
 
@@ -131,7 +131,7 @@ def test_unparseable_is_invalid(text: str) -> None:
 
 
 def test_deeply_nested_is_invalid_not_a_crash() -> None:
-    reason = invalid("[" * 100_000)  # an InvalidDeclaredSet, never a RecursionError
+    reason = invalid("[" * 100_000)  # an InvalidDeclaredSetError, never a RecursionError
     assert "nested too deeply" in reason or "not parseable" in reason
 
 
@@ -683,5 +683,5 @@ def test_one_malformed_entry_always_invalidates(entries: list[dict[str, Any]], i
     )
     position = min(index, len(entries))
     broken_entries = [*entries[:position], broken, *entries[position:]]
-    with pytest.raises(InvalidDeclaredSet, match=rf"handlers\[{position}\]"):
+    with pytest.raises(InvalidDeclaredSetError, match=rf"handlers\[{position}\]"):
         DeclaredSet.parse(json.dumps({"handlers": broken_entries}))

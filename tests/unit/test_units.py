@@ -18,7 +18,7 @@ from b24_cleanup.errors import (
     classify,
     classify_oauth,
 )
-from b24_cleanup.jobs import Action, InvalidJob, Job, JobResult, Outcome
+from b24_cleanup.jobs import Action, InvalidJobError, Job, JobResult, Outcome
 from b24_cleanup.oauth import derive_token_url, trusted_token_url
 from b24_cleanup.pacing import Backoff, LeakyBucket
 from b24_cleanup.record import PortalRecord, domain_of, valid_member_id
@@ -215,7 +215,7 @@ def test_job_round_trip_and_repr_hides_the_application_token() -> None:
     ],
 )
 def test_bad_job_bodies_are_refused(body: str) -> None:
-    with pytest.raises(InvalidJob):
+    with pytest.raises(InvalidJobError):
         Job.parse(body)
 
 

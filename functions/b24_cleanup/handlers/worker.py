@@ -17,33 +17,15 @@ from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, proce
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from b24_cleanup.engine import Engine
-from b24_cleanup.jobs import Job, JobFailed, JobResult
-
-from . import deps
+from .. import runtime
+from ..errors import JobFailedError
+from ..jobs import Job, JobResult
 from .observability import logger, metrics, publish
 
 MAX_PARALLEL_PORTALS = 10
 # Stop starting portal requests this long before the invocation times out (one REST request's
 # own timeout plus room to write the results): a job cut short fails cleanly and is retried.
 DEADLINE_MARGIN_SECONDS = 35.0
-
-_engine: Engine | None = None
-_engine_lock = threading.Lock()
-
-
-def engine() -> Engine:
-    """One engine per warm container: its HTTP pool and per-portal pacing outlive an invocation.
-
-    Rebuilt when the settings it was built from no longer match the environment (never on
-    Lambda; a process driving the handler with other settings gets an engine that matches).
-    """
-    global _engine
-    current = deps.settings()
-    with _engine_lock:
-        if _engine is None or (_engine.settings is not None and _engine.settings != current):
-            _engine = Engine.from_settings(current)
-        return _engine
 
 
 class _Totals:
@@ -72,8 +54,8 @@ def _run_group(records: list[dict[str, Any]], totals: _Totals, context: LambdaCo
             )
             raise
         try:
-            result = engine().run(job, deadline=deadline)
-        except JobFailed as failed:
+            result = runtime.engine().run(job, deadline=deadline)
+        except JobFailedError as failed:
             totals.add(failed.result)
             raise
         totals.add(result)
@@ -103,7 +85,7 @@ def process(event: dict[str, Any], context: LambdaContext | None = None) -> dict
     totals = _Totals()
     failed: set[str] = set()
     if groups:
-        engine().new_invocation()  # a declared set fixed (or broken) since the last batch applies now
+        runtime.engine().new_invocation()  # a declared set fixed (or broken) since the last batch applies now
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_PORTALS, len(groups))) as pool:
             for ids in pool.map(lambda recs: _run_group(recs, totals, context), groups.values()):
                 failed.update(ids)
@@ -118,10 +100,3 @@ def process(event: dict[str, Any], context: LambdaContext | None = None) -> dict
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return process(event, context)
-
-
-def reset_engine() -> None:
-    """Forget the cached engine (tests and the demo change the environment between runs)."""
-    global _engine
-    with _engine_lock:
-        _engine = None

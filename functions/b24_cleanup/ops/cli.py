@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import B24Error, ConfigError, InvalidDeclaredSet, TransientError
-from ..jobs import Action, Job, JobFailed, JobResult, Outcome
+from ..errors import B24Error, ConfigError, InvalidDeclaredSetError, JobFailedError, TransientError
+from ..jobs import Action, Job, JobResult, Outcome
 from ..record import valid_member_id
 from .output import RESULT_HEADER, Progress, result_row, table, totals
 
@@ -72,7 +72,7 @@ def _check_declared(engine: Any) -> None:
 
     try:
         DeclaredSet.parse(engine.store.declared_set_text())
-    except InvalidDeclaredSet as exc:
+    except InvalidDeclaredSetError as exc:
         raise CliError(
             f"the declared handler set at {engine.store.prefix}/app/handlers is invalid ({exc}): "
             "a sweep would unbind nothing on any portal; store a valid set first"
@@ -87,7 +87,7 @@ def run_jobs(
     def one(job: Job) -> JobResult:
         try:
             return engine.run(job)
-        except JobFailed as failed:
+        except JobFailedError as failed:
             return failed.result
         finally:
             if progress:
@@ -131,7 +131,7 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     (member_id,) = _member_ids(engine, args.member_id)
     try:
         result = engine.run(Job(Action.SWEEP, member_id))
-    except JobFailed as failed:
+    except JobFailedError as failed:
         result = failed.result
     record = engine.store.get(member_id)
     declared_rows = result.found - len(result.orphans)
@@ -170,8 +170,9 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
+    from ..errors import RegistrationInvalidError, RegistrationRejectedError
     from ..payload import PayloadError, parse_event_body
-    from ..registration import RegistrationInvalid, RegistrationRejected, register
+    from ..registration import register
 
     settings = _settings(args)
     raw = sys.stdin.buffer.read() if args.payload == "-" else _read_file(args.payload)
@@ -180,9 +181,9 @@ def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
     try:
         payload = parse_event_body(raw, content_type)
         registration = register(payload, settings.store(), oauth_url=settings.oauth_url)
-    except (PayloadError, RegistrationInvalid) as exc:
+    except (PayloadError, RegistrationInvalidError) as exc:
         raise CliError(f"not a registration body: {exc}") from None
-    except RegistrationRejected as exc:
+    except RegistrationRejectedError as exc:
         raise CliError(f"registration rejected, nothing stored: {exc}") from None
     if args.json:
         json.dump(

@@ -109,12 +109,12 @@ def run_demo(out: TextIO, *, as_json: bool = False) -> int:
 
 
 def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> list[Case]:
+    from .. import runtime
     from ..handlers import endpoint, observability, scheduler, worker
 
     for handler in observability.logger.handlers:  # keep the handlers' JSON logs for the leak scan
         handler.setStream(logs)  # type: ignore[attr-defined]
-    for reset in (endpoint.reset_clients, scheduler.reset_clients, worker.reset_engine):
-        reset()
+    runtime.reset()
 
     def call(handler: Callable[[dict[str, Any], Any], Any], event: dict[str, Any]) -> Any:
         """Invoke a handler the way Lambda would, keeping its EMF blobs (stdout) for the report."""

@@ -119,13 +119,21 @@ class Sandbox:
 
 @contextmanager
 def patched_environ(values: Mapping[str, str | None]) -> Iterator[None]:
-    """Set (or, for None, unset) environment variables for the block, then restore them exactly."""
+    """Set (or, for None, unset) environment variables for the block, then restore them exactly.
+
+    The process's runtime is reset on the way in and out: settings and clients are read once per
+    process, so the block's handlers see the block's environment and nothing of it outlives it.
+    """
+    from .. import runtime
+
     saved = {key: os.environ.get(key) for key in values}
     try:
         _apply_environ(values)
+        runtime.reset()
         yield
     finally:
         _apply_environ(saved)
+        runtime.reset()
 
 
 def _apply_environ(values: Mapping[str, str | None]) -> None:
