@@ -25,7 +25,7 @@ from b24_cleanup.errors import (
 )
 from b24_cleanup.pacing import Backoff, LeakyBucket, RetryPolicy
 from b24_cleanup.record import PortalRecord
-from b24_cleanup.tokens import TokenKeeper
+from b24_cleanup.tokens import ChainState, TokenKeeper
 
 NOW = 1000.0
 POLICY = RetryPolicy(Backoff(attempts=3, base=0.01, cap=0.02), max_time_limit_wait=30.0)
@@ -175,7 +175,7 @@ def test_a_redirect_loop_ends_incomplete_after_the_rules_limit(looping: str) -> 
 
 def _client(session: requests.Session, endpoint: str, slept: list[float] | None = None) -> PortalClient:
     record = PortalRecord({"member_id": "m1", "client_endpoint": endpoint, "access_token": "a", "expires": 2**40})
-    keeper = TokenKeeper(None, "m1", record, lambda: None)  # type: ignore[arg-type] - no refresh is due
+    keeper = TokenKeeper(None, "m1", record, lambda: None, chains=ChainState())  # type: ignore[arg-type] - no refresh is due
     sleep = (slept if slept is not None else []).append
     return PortalClient(
         keeper, session=session, bucket=LeakyBucket(2.0, 50, sleep=sleep), retry=POLICY, sleep=sleep, clock=lambda: NOW
