@@ -7,27 +7,20 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from fixtures.aws import ROOT
+from fixtures.sandbox import APP_URL, OLD_URL
 
 from b24_cleanup.ops.cli import main
 from b24_cleanup.ops.emulator import payloads
-from b24_cleanup.ops.sandbox import Sandbox, sandbox
+from b24_cleanup.ops.sandbox import Sandbox
 
-APP_URL = "https://app.example.com/b24/events"
-OLD_URL = "https://old.example.com/b24/events"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def box(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
-    with sandbox(declared=[{"event": "ONCRMLEADADD", "handler": APP_URL}]) as sb:
-        monkeypatch.setenv("B24_SSM_PREFIX", sb.prefix)
-        yield sb
+# The CLI reads B24_SSM_PREFIX like the handlers do.
+pytestmark = pytest.mark.box(env=True)
 
 
 def run(*argv: str) -> tuple[int, str, str]:

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, urlencode
 import hypothesis
 import pytest
 from botocore.exceptions import ClientError
-from conftest import APPLICATION_TOKEN, MEMBER_ID, AwsAccount, Stdout, load_event
+from fixtures.aws import APPLICATION_TOKEN, FORM, MEMBER_ID, WRONG_TOKEN, AwsAccount, Stdout, load_event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,8 +20,6 @@ from b24_cleanup.handlers import endpoint
 from b24_cleanup.payload import MAX_BODY_BYTES, InstallPost
 
 TS = "1795172400"
-WRONG_TOKEN = "00000000deadbeef00000000deadbeef"
-FORM = "application/x-www-form-urlencoded"
 UNAUTHORIZED_BODY = json.dumps({"error": "unauthorized"}, separators=(",", ":"))
 EXPECTED_JOB = {
     "action": "uninstall",

@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 
 import pytest
+from fixtures.sandbox import APP_URL, FAST, OLD_URL
 
 from b24_cleanup.engine import Engine, EngineOptions
 from b24_cleanup.errors import JobFailedError
 from b24_cleanup.jobs import Action, Job, Outcome
-from b24_cleanup.ops.sandbox import Sandbox, sandbox
-from b24_cleanup.pacing import Backoff
+from b24_cleanup.ops.sandbox import Sandbox
 
-APP_URL = "https://app.example.com/b24/events"
-OLD_URL = "https://old-deploy.example.com/b24/events"
 DECLARED = [
     {"event": "ONCRMLEADADD", "handler": APP_URL},
     {"event": "ONCRMDEALUPDATE", "event_type": "offline"},
     {"event": "ONAPPUNINSTALL", "handler": "https://app.example.com/b24/uninstall"},
     {"event": "ONCRMCONTACTADD", "handler": APP_URL},  # never bound on the portals below: missing
 ]
-FAST = EngineOptions(backoff=Backoff(attempts=3, base=0.01, cap=0.02), settle_seconds=0.05)
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox(declared=DECLARED) as sb:
-        yield sb
+pytestmark = pytest.mark.box(declared=DECLARED)
 
 
 def make_engine(box: Sandbox, **kwargs: object) -> Engine:

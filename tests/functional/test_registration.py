@@ -6,34 +6,25 @@ import json
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
 import boto3
 import pytest
 import requests
+from fixtures.sandbox import FAST
 
 from b24_cleanup import runtime
 from b24_cleanup.access import PortalNotFoundError, TokenAccess
-from b24_cleanup.engine import Engine, EngineOptions
+from b24_cleanup.engine import Engine
 from b24_cleanup.errors import InvalidGrantError, RegistrationInvalidError, RegistrationRejectedError
 from b24_cleanup.jobs import Action, Job, Outcome
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops.emulator import payloads
 from b24_cleanup.ops.functionurl import FakeContext, FunctionUrl
-from b24_cleanup.ops.sandbox import Sandbox, sandbox
-from b24_cleanup.pacing import Backoff
+from b24_cleanup.ops.sandbox import Sandbox
 from b24_cleanup.payload import parse_event_body
 from b24_cleanup.registration import register
-
-FAST = EngineOptions(backoff=Backoff(attempts=2, base=0.01, cap=0.02), settle_seconds=0.05)
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox(declared=[{"event": "ONCRMLEADADD", "handler": "https://app.example.com/h"}]) as sb:
-        yield sb
 
 
 def parse_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -177,14 +168,13 @@ def test_body_without_tokens_is_not_a_registration(box: Sandbox, missing: str) -
 
 
 @pytest.fixture
-def endpoint_env(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def endpoint_env(handler_env: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The endpoint handler module, its environment on the box and the box's OAuth server."""
     from b24_cleanup.handlers import endpoint
 
-    for key, value in box.env(B24_OAUTH_URL=box.emulator.oauth_url).items():
-        monkeypatch.setenv(key, value)
-    runtime.reset()
-    yield endpoint
-    runtime.reset()
+    monkeypatch.setenv("B24_OAUTH_URL", handler_env.emulator.oauth_url)
+    runtime.reset()  # the settings are read once: read them with the OAuth URL
+    return endpoint
 
 
 def queue_depth(box: Sandbox) -> int:

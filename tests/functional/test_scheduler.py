@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from conftest import MEMBER_ID, AwsAccount, Stdout, load_event
+from fixtures.aws import MEMBER_ID, AwsAccount, Stdout, load_event
 
 from b24_cleanup import runtime
 from b24_cleanup.errors import EnqueueFailedError

@@ -25,10 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from fixtures.template import ROOT, TEMPLATE, load_template
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ROOT / "template.yaml"
 BUILD_DIR = ROOT / ".aws-sam" / "build"
 SAM_PYTHON = ROOT / ".tools" / "sam" / "bin" / "python"
 # CI sets this (after .ci/install-sam and .ci/check-template) so that the translation and artifact
@@ -108,40 +106,8 @@ SCENARIOS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the template
+# Reading the template (tests/fixtures/template.py: the loader and the `template` fixture)
 # ---------------------------------------------------------------------------------------------
-
-
-class _CfnLoader(yaml.SafeLoader):
-    """SafeLoader that turns CloudFormation short tags into their long JSON forms."""
-
-
-def _construct_tag(loader: _CfnLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    if isinstance(node, yaml.ScalarNode):
-        value: Any = loader.construct_scalar(node)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)
-    if suffix == "Ref":
-        return {"Ref": value}
-    if suffix == "Condition":
-        return {"Condition": value}
-    if suffix == "GetAtt" and isinstance(value, str):
-        value = value.split(".", 1)
-    return {f"Fn::{suffix}": value}
-
-
-_CfnLoader.add_multi_constructor("!", _construct_tag)
-
-
-def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=_CfnLoader)  # noqa: S506 (safe loader subclass)
-
-
-@pytest.fixture(scope="module")
-def template() -> dict[str, Any]:
-    return load_template()
 
 
 _NO_VALUE = object()

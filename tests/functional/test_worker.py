@@ -5,35 +5,23 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import APPLICATION_TOKEN, MEMBER_ID, load_event
+from fixtures.aws import APPLICATION_TOKEN, MEMBER_ID, load_event
+from fixtures.sandbox import APP_URL, FAST, OLD_URL
 
 from b24_cleanup import runtime
 from b24_cleanup.handlers import worker
-from b24_cleanup.ops.sandbox import Sandbox, collect_results, sandbox
-
-APP_URL = "https://app.example.com/b24/events"
-OLD_URL = "https://old.example.com/b24/events"
+from b24_cleanup.ops.sandbox import Sandbox, collect_results
 
 
-@pytest.fixture
-def box(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
-    with sandbox(declared=[{"event": "ONCRMLEADADD", "handler": APP_URL}]) as sb:
-        for key, value in sb.env().items():
-            monkeypatch.setenv(key, value)
-        runtime.reset()
-        from b24_cleanup.engine import EngineOptions
-        from b24_cleanup.pacing import Backoff
-
-        fast = EngineOptions(backoff=Backoff(attempts=2, base=0.01, cap=0.02), settle_seconds=0.05)
-        engine = runtime.engine()
-        engine.options = fast
-        engine.buckets = type(engine.buckets)(fast.rate, fast.burst)
-        yield sb
-        runtime.reset()
+@pytest.fixture(autouse=True)
+def _fast_worker_engine(handler_env: Sandbox) -> None:
+    """The handlers' own engine (built from the box's environment), with the suite's quick backoff."""
+    engine = runtime.engine()
+    engine.options = FAST
+    engine.buckets = type(engine.buckets)(FAST.rate, FAST.burst)
 
 
 def record(body: dict[str, Any], message_id: str, group: str, template: dict[str, Any]) -> dict[str, Any]:

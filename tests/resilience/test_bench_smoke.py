@@ -10,11 +10,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from fixtures.aws import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 HEADERS = [
     "1. REST requests per portal",
     "2. Sweep throughput",

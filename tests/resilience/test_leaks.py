@@ -11,7 +11,7 @@ registrations, CLI mistakes) while capturing everything they emit:
 - every exception they raise: str, repr and the formatted traceback with its causes;
 
 and then searches all of it for every secret any emulator of the session has issued (raw, percent-decoded
-and inside base64 runs). The session-wide guard in conftest.py keeps doing the same for every other test.
+and inside base64 runs). The session-wide guard (tests/leakguard.py) keeps doing the same for every other test.
 """
 
 from __future__ import annotations
@@ -30,29 +30,25 @@ from urllib.parse import unquote, urlencode
 
 import boto3
 import pytest
-from conftest import emulator_secrets, find_secrets
+from fixtures.sandbox import APP_URL, DECLARED, OLD_URL, SHORT_TIMEOUTS
+from leakguard import STANDARD_RECORD_KEYS, emulator_secrets, find_secrets
 
 from b24_cleanup import runtime
 from b24_cleanup.access import TokenAccess
-from b24_cleanup.engine import Engine, EngineOptions
+from b24_cleanup.engine import Engine
 from b24_cleanup.errors import JobFailedError
 from b24_cleanup.jobs import Action, Job, Outcome
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops import cli
 from b24_cleanup.ops.emulator import payloads
 from b24_cleanup.ops.functionurl import FakeContext, function_url_event
-from b24_cleanup.ops.sandbox import Sandbox, drain, sandbox
-from b24_cleanup.pacing import Backoff
+from b24_cleanup.ops.sandbox import Sandbox, drain
 from b24_cleanup.payload import parse_event_body
 from b24_cleanup.registration import register
 
-FAST = EngineOptions(backoff=Backoff(attempts=3, base=0.001, cap=0.005), settle_seconds=0.01, timeout=(1.0, 1.0))
-APP = "https://app.example.com/b24/events"
-OLD = "https://old-deploy.example.com/b24/events"
-DECLARED = [{"event": "ONCRMLEADADD", "handler": APP}, {"event": "ONCRMDEALADD", "event_type": "offline"}]
+pytestmark = pytest.mark.box(declared=DECLARED, timeout_delay=0.05, env=True)
 DEAD_OAUTH = "http://127.0.0.1:9/oauth/token/"  # nothing listens on the discard port
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{24,}={0,2}")
-_STANDARD_RECORD_KEYS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 class _Records(logging.Handler):
@@ -65,7 +61,7 @@ class _Records(logging.Handler):
         return True  # not Powertools' deduplication filter either: every record counts
 
     def emit(self, record: logging.LogRecord) -> None:
-        extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS}
+        extras = {k: v for k, v in record.__dict__.items() if k not in STANDARD_RECORD_KEYS}
         self.texts.append(f"{self.format(record)} {extras!r}")
 
 
@@ -137,17 +133,6 @@ def seen(capfd: pytest.CaptureFixture[str]) -> Iterator[Seen]:
         yield watcher
 
 
-@pytest.fixture
-def box(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
-    with sandbox(declared=DECLARED, timeout_delay=0.05) as sb:
-        for key, value in sb.env(POWERTOOLS_METRICS_NAMESPACE="B24Cleanup").items():
-            monkeypatch.setenv(key, value)
-
-        runtime.reset()
-        yield sb
-        runtime.reset()
-
-
 def install_body(box: Sandbox, inst: Any) -> dict[str, Any]:
     return parse_event_body(
         urlencode(payloads.install_form(box.emulator.state, inst)).encode(), "application/x-www-form-urlencoded"
@@ -203,7 +188,10 @@ def test_worker_failure_paths_leak_nothing(box: Sandbox, seen: Seen) -> None:
     server that does not answer, a renamed portal, a permanent unbind failure, a malformed job."""
     from b24_cleanup.handlers import worker
 
-    orphans = [{"event": "ONCRMLEADADD", "handler": APP}, {"event": "ONCRMLEADADD", "handler": OLD, "user_id": 1}]
+    orphans = [
+        {"event": "ONCRMLEADADD", "handler": APP_URL},
+        {"event": "ONCRMLEADADD", "handler": OLD_URL, "user_id": 1},
+    ]
     revoked = box.add_portal("gone.bitrix24.test", handlers=orphans)
     box.emulator.uninstall(revoked.portal, box.app)
     spent = box.add_portal("spent.bitrix24.test", handlers=orphans, expired=True)
@@ -235,16 +223,16 @@ def test_worker_failure_paths_leak_nothing(box: Sandbox, seen: Seen) -> None:
     sqs.send_message(
         QueueUrl=box.queue_url, MessageBody="{not json", MessageGroupId="bad", MessageDeduplicationId="leak-bad"
     )
-    runtime.use_engine(Engine(box.store, options=FAST))
+    runtime.use_engine(Engine(box.store, options=SHORT_TIMEOUTS))
     drain(sqs, box.queue_url, worker.lambda_handler, FakeContext())
 
     # The same failures raised directly, as the CLI and the app's own code see them.
-    engine = Engine(box.store, options=FAST)
+    engine = Engine(box.store, options=SHORT_TIMEOUTS)
     for seeded in (flaky, slow, blocked):
         failed = seen.expect(JobFailedError, lambda s=seeded: engine.run(Job(Action.SWEEP, s.member_id)))
         assert failed.result.outcome is Outcome.FAILED
     expired = box.add_portal("expired.bitrix24.test", expired=True)
-    dead = Engine(box.store, oauth_url=DEAD_OAUTH, options=FAST)
+    dead = Engine(box.store, oauth_url=DEAD_OAUTH, options=SHORT_TIMEOUTS)
     failed = seen.expect(JobFailedError, lambda: dead.run(Job(Action.SWEEP, expired.member_id)))
     assert "OAUTH_UNREACHABLE" in str(failed)
     seen.expect(
@@ -292,7 +280,7 @@ def test_endpoint_registration_and_token_access_leak_nothing(
         return endpoint.lambda_handler(event, FakeContext())["statusCode"]
 
     state = box.emulator.state
-    home = box.add_portal("home.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP}])
+    home = box.add_portal("home.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL}])
     assert post(payloads.uninstall_form(state, home.portal, "f" * 32, clean=True)) == 401
     assert post(payloads.uninstall_form(state, home.portal, home.installation.application_token, clean=True)) == 200
     joined = box.emulator.install(box.emulator.add_portal("joined.bitrix24.test"), box.app)
@@ -340,10 +328,10 @@ def test_cli_outputs_and_errors_leak_nothing(
     """Every command's table and --json output, and the one-line errors of the usual mistakes."""
     dirty = box.add_portal(
         "dirty.bitrix24.test",
-        handlers=[{"event": "ONCRMLEADADD", "handler": APP}, {"event": "ONCRMLEADADD", "handler": OLD}],
+        handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL}, {"event": "ONCRMLEADADD", "handler": OLD_URL}],
         expired=True,
     )
-    box.add_portal("tidy.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP}])
+    box.add_portal("tidy.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL}])
     gone = box.add_portal("gone.bitrix24.test")
     box.emulator.uninstall(gone.portal, box.app)
     genuine = tmp_path / "install.txt"
@@ -400,7 +388,9 @@ def test_cli_outputs_and_errors_leak_nothing(
 def test_debug_logging_leaks_nothing(box: Sandbox, capfd: pytest.CaptureFixture[str]) -> None:
     from b24_cleanup.handlers import worker
 
-    seeded = box.add_portal("debug.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD}], expired=True)
+    seeded = box.add_portal(
+        "debug.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD_URL}], expired=True
+    )
     sqs = boto3.client("sqs")
     sqs.send_message(
         QueueUrl=box.queue_url,
@@ -408,7 +398,7 @@ def test_debug_logging_leaks_nothing(box: Sandbox, capfd: pytest.CaptureFixture[
         MessageGroupId=seeded.member_id,
         MessageDeduplicationId="debug",
     )
-    runtime.use_engine(Engine(box.store, options=FAST))
+    runtime.use_engine(Engine(box.store, options=SHORT_TIMEOUTS))
     root = logging.getLogger()
     records = _Records()
     # Only this handler sees the DEBUG records: the session guard and pytest's log capture are set aside, so

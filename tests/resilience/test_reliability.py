@@ -9,7 +9,7 @@
    SSM), and the app's backend refreshing while a job runs (one-field edits never revert its pair).
 4. Hostile input at the endpoint: > 5,000 hypothesis cases, never a 5xx, never a side effect or an
    outbound request without the genuine token; tokens compared with hmac.compare_digest everywhere.
-5. (tests/resilience/test_leaks.py and the session guard in conftest.py.)
+5. (tests/resilience/test_leaks.py and the session guard, tests/leakguard.py.)
 6. Template checks that tests/functional/test_template.py does not make yet.
 """
 
@@ -24,7 +24,6 @@ import re
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
@@ -32,9 +31,9 @@ import boto3
 import hypothesis
 import pytest
 import requests
-import yaml
 from botocore.config import Config
-from conftest import APPLICATION_TOKEN, MEMBER_ID, AwsAccount, load_event
+from fixtures.aws import APPLICATION_TOKEN, FORM, MEMBER_ID, ROOT, WRONG_TOKEN, AwsAccount, load_event
+from fixtures.sandbox import APP_URL, DECLARED, OLD_URL, PATIENT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -48,49 +47,34 @@ from b24_cleanup.jobs import Action, Job, JobResult, Outcome
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops.emulator import Emulator, payloads
 from b24_cleanup.ops.functionurl import FakeContext, function_url_event
-from b24_cleanup.ops.sandbox import Sandbox, drain, sandbox
-from b24_cleanup.pacing import Backoff
+from b24_cleanup.ops.sandbox import Sandbox, drain
 from b24_cleanup.payload import MAX_BODY_BYTES, MAX_DEPTH, parse_event_body
 from b24_cleanup.registration import register
 from b24_cleanup.store import PortalStore
 
-ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ lives beside functions/, not inside the package
     sys.path.insert(0, str(ROOT))
 
-from bench.campaign import DLQ, RECORD_KEYS, AwsFaults, CampaignConfig, run_campaign  # noqa: E402
+from bench.campaign import DLQ, RECORD_KEYS, AwsFaults, CampaignConfig, run_campaign
 
-FAST_BACKOFF = Backoff(attempts=5, base=0.001, cap=0.005)
-FAST = EngineOptions(backoff=FAST_BACKOFF, settle_seconds=0.01)
 # Races need the other writer's PutParameter to land before the one re-read decides (SPEC §5 step 3):
 # the production settle time, so that a loaded machine does not decide the race.
-RACE = EngineOptions(backoff=FAST_BACKOFF, settle_seconds=1.0)
-APP = "https://app.example.com/b24/events"
-OLD = "https://old-deploy.example.com/b24/events"
-DECLARED = [
-    {"event": "ONCRMLEADADD", "handler": APP},
-    {"event": "ONCRMDEALADD", "event_type": "offline"},
-]
+RACE = EngineOptions(backoff=PATIENT.backoff, settle_seconds=1.0)
+pytestmark = pytest.mark.box(declared=DECLARED)
 DECLARED_ROWS = [
-    {"event": "ONCRMLEADADD", "handler": APP},
-    {"event": "ONCRMLEADADD", "handler": APP, "user_id": 2},
+    {"event": "ONCRMLEADADD", "handler": APP_URL},
+    {"event": "ONCRMLEADADD", "handler": APP_URL, "user_id": 2},
     {"event": "ONCRMDEALADD", "offline": True},
 ]
 ORPHAN_ROWS = [
-    {"event": "ONCRMLEADADD", "handler": OLD},
-    {"event": "ONCRMLEADADD", "handler": OLD, "user_id": 1},
-    {"event": "ONCRMCONTACTADD", "handler": APP},
+    {"event": "ONCRMLEADADD", "handler": OLD_URL},
+    {"event": "ONCRMLEADADD", "handler": OLD_URL, "user_id": 1},
+    {"event": "ONCRMCONTACTADD", "handler": APP_URL},
     {"event": "ONCRMLEADUPDATE", "offline": True},
 ]
 # A client whose errors reach the code at once: what the production client shows once botocore's own
 # ten adaptive attempts are used up.
 NO_RETRIES = Config(retries={"mode": "standard", "total_max_attempts": 1})
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox(declared=DECLARED) as sb:
-        yield sb
 
 
 def sweep(member_id: str) -> Job:
@@ -142,7 +126,7 @@ def test_campaign_with_rest_and_aws_faults_keeps_every_invariant() -> None:
         aws_fault_kinds=("5xx", "reset", "lost_reply"),
         timeout_delay=0.2,  # an injected timeout drops the connection after 0.2 s...
         read_timeout=2.0,  # ...well before the engine's read timeout: a loaded machine is not a fault
-        backoff=FAST_BACKOFF,
+        backoff=PATIENT.backoff,
         settle_seconds=0.01,
         rate=20.0,
     )
@@ -178,7 +162,7 @@ def test_ssm_faults_during_a_refresh_are_retried_and_nothing_is_lost(box: Sandbo
     faults.fail_next("ssm.DescribeParameters", "lost_reply")
     faults.fail_next("ssm.PutParameter", "throttle", "5xx", "reset", "lost_reply")
 
-    result = Engine(store, options=FAST).run(sweep(seeded.member_id))
+    result = Engine(store, options=PATIENT).run(sweep(seeded.member_id))
 
     assert result.outcome is Outcome.CLEANED and result.refreshed == 1
     assert faults.total == 7
@@ -189,17 +173,8 @@ def test_ssm_faults_during_a_refresh_are_retried_and_nothing_is_lost(box: Sandbo
     assert set(RECORD_KEYS) <= set(record.data)
     latest = box.emulator.state.latest_tokens(seeded.installation.chain)
     assert (record.access_token, record.refresh_token) == (latest.access_token, latest.refresh_token)
-    assert rows(box, seeded) == {("ONCRMLEADADD", APP), ("ONCRMDEALADD", "offline:")}
+    assert rows(box, seeded) == {("ONCRMLEADADD", APP_URL), ("ONCRMDEALADD", "offline:")}
     assert chain_works(box, seeded.member_id)
-
-
-@pytest.fixture
-def handler_env(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
-    for key, value in box.env().items():
-        monkeypatch.setenv(key, value)
-    runtime.reset()
-    yield box
-    runtime.reset()
 
 
 def queued(box: Sandbox, queue_url: str | None = None) -> list[dict[str, Any]]:
@@ -260,7 +235,7 @@ def test_ssm_failing_beyond_retries_fails_the_job_until_the_dlq(handler_env: San
     seeded = box.add_portal("down.bitrix24.test", handlers=DECLARED_ROWS + ORPHAN_ROWS)
     store = PortalStore(box.prefix, client=boto3.client("ssm", config=NO_RETRIES))
     faults = AwsFaults(1.0, kinds=("5xx",), operations={"ssm.GetParameter"}).attach(store.client)
-    runtime.use_engine(Engine(store, options=FAST))
+    runtime.use_engine(Engine(store, options=PATIENT))
     sqs = boto3.client("sqs")
     sqs.send_message(
         QueueUrl=box.queue_url,
@@ -296,7 +271,7 @@ def _engine_without_sleeps(store: PortalStore, monkeypatch: pytest.MonkeyPatch) 
         return made
 
     monkeypatch.setattr(Engine, "keeper", keeper)
-    return Engine(store, options=FAST)
+    return Engine(store, options=PATIENT)
 
 
 class _Records(logging.Handler):
@@ -426,7 +401,7 @@ def test_two_jobs_for_one_expired_portal_keep_one_chain(
         assert oauth_statuses(box, seeded.member_id) == [200, 400]  # the race really happened
     else:
         assert oauth_statuses(box, seeded.member_id) == [200]  # the second thread adopted the first's pair
-    assert rows(box, seeded) == {("ONCRMLEADADD", APP), ("ONCRMDEALADD", "offline:")}
+    assert rows(box, seeded) == {("ONCRMLEADADD", APP_URL), ("ONCRMDEALADD", "offline:")}
     assert box.record(seeded.member_id).revoked_at is None
     assert chain_works(box, seeded.member_id)
 
@@ -463,7 +438,7 @@ def test_the_app_backend_refreshing_while_a_job_unbinds(
     result = run(Engine(PortalStore(box.prefix), options=RACE), sweep(seeded.member_id))
 
     assert result.outcome is Outcome.CLEANED, result.reason
-    assert rows(box, seeded) == {("ONCRMLEADADD", APP), ("ONCRMDEALADD", "offline:")}
+    assert rows(box, seeded) == {("ONCRMLEADADD", APP_URL), ("ONCRMDEALADD", "offline:")}
     # The job took the app's pair instead of rotating the chain again: the app's token still works.
     assert oauth_statuses(box, seeded.member_id) == ([200] if isolation == "one container" else [200, 400])
     record = box.record(seeded.member_id)
@@ -504,7 +479,7 @@ def test_the_revoked_mark_never_overwrites_a_newer_install(box: Sandbox, monkeyp
 
     monkeypatch.setattr(Engine, "_revoked", revoked)
 
-    result = run(Engine(PortalStore(box.prefix), options=FAST), sweep(seeded.member_id))
+    result = run(Engine(PortalStore(box.prefix), options=PATIENT), sweep(seeded.member_id))
 
     assert result.outcome is Outcome.REVOKED
     record = box.record(seeded.member_id)
@@ -532,7 +507,7 @@ def test_a_stale_uninstall_racing_a_reinstall_keeps_the_new_record(box: Sandbox)
     store.delete_if_token = delete_if_token  # type: ignore[method-assign]
     job = Job(Action.UNINSTALL, seeded.member_id, application_token=old_token, ts="1")
 
-    result = run(Engine(store, options=FAST), job)
+    result = run(Engine(store, options=PATIENT), job)
 
     assert result.outcome is Outcome.REVOKED and not result.record_deleted
     assert box.record(seeded.member_id).application_token == inst.application_token
@@ -543,8 +518,6 @@ def test_a_stale_uninstall_racing_a_reinstall_keeps_the_new_record(box: Sandbox)
 # 4. Hostile input at the endpoint
 # =============================================================================================
 
-WRONG_TOKEN = "00000000deadbeef00000000deadbeef"
-FORM = "application/x-www-form-urlencoded"
 WRITES = {"ssm.PutParameter", "ssm.DeleteParameter", "sqs.SendMessage", "sqs.SendMessageBatch"}
 TRUSTED_TOKEN_URLS = {"https://oauth.bitrix.info/oauth/token/", "https://oauth.bitrix24.tech/oauth/token/"}
 
@@ -1190,79 +1163,52 @@ def test_fuzz_untrusted_oauth_hosts_are_never_contacted(
         assert parts.hostname in {"oauth.bitrix.info", "oauth.bitrix24.tech"}, url
 
 
-def test_the_endpoint_compares_application_tokens_in_constant_time(
-    mock_aws: AwsAccount, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Also for a posted token that is not ASCII (no fallback to `==` on a TypeError)."""
-    seen: list[tuple[bytes, bytes]] = []
+@pytest.fixture
+def compared(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bytes]]:
+    """Every pair of arguments hmac.compare_digest is called with (it still compares)."""
+    calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
     def spy(a: Any, b: Any) -> bool:
-        seen.append((a, b))
+        calls.append((a, b))
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
+    return calls
 
+
+def test_the_endpoint_compares_application_tokens_in_constant_time(
+    mock_aws: AwsAccount, compared: list[tuple[bytes, bytes]]
+) -> None:
+    """Also for a posted token that is not ASCII (no fallback to `==` on a TypeError)."""
     runtime.reset()
     for token in (WRONG_TOKEN, "ключ-" + WRONG_TOKEN, APPLICATION_TOKEN):
         body = urlencode([(k, token if k == "auth[application_token]" else v) for k, v in GENUINE_PAIRS])
         status = endpoint.lambda_handler(_event(body), FakeContext())["statusCode"]
         assert status == (200 if token == APPLICATION_TOKEN else 401)
-        assert seen[-1] == (APPLICATION_TOKEN.encode(), token.encode())
+        assert compared[-1] == (APPLICATION_TOKEN.encode(), token.encode())
     runtime.reset()
 
 
-def test_the_worker_compares_application_tokens_in_constant_time(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[bytes, bytes]] = []
-    real = hmac.compare_digest
-
-    def spy(a: Any, b: Any) -> bool:
-        seen.append((a, b))
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", spy)
+def test_the_worker_compares_application_tokens_in_constant_time(
+    box: Sandbox, compared: list[tuple[bytes, bytes]]
+) -> None:
     seeded = box.add_portal("ct.bitrix24.test", handlers=DECLARED_ROWS)
     token = seeded.installation.application_token
-    engine = Engine(box.store, options=FAST)
+    engine = Engine(box.store, options=PATIENT)
 
     stale = run(engine, Job(Action.UNINSTALL, seeded.member_id, application_token=WRONG_TOKEN, ts="1"))
     assert stale.outcome is Outcome.SKIPPED
-    assert (token.encode(), WRONG_TOKEN.encode()) in seen  # the stale-uninstall check
-    seen.clear()
+    assert (token.encode(), WRONG_TOKEN.encode()) in compared  # the stale-uninstall check
+    compared.clear()
     done = run(engine, Job(Action.UNINSTALL, seeded.member_id, application_token=token, ts="2"))
     assert done.outcome is Outcome.CLEANED and done.record_deleted
-    assert seen.count((token.encode(), token.encode())) >= 2  # the job's check and the guarded delete
+    assert compared.count((token.encode(), token.encode())) >= 2  # the job's check and the guarded delete
 
 
 # =============================================================================================
 # 6. Template security: what tests/functional/test_template.py does not check yet
 # =============================================================================================
-
-
-class _CfnLoader(yaml.SafeLoader):
-    pass
-
-
-_CfnLoader.add_multi_constructor(
-    "!",
-    lambda loader, suffix, node: {
-        suffix: (
-            loader.construct_scalar(node)
-            if isinstance(node, yaml.ScalarNode)
-            else loader.construct_sequence(node)
-            if isinstance(node, yaml.SequenceNode)
-            else loader.construct_mapping(node)
-        )
-    },
-)
-
-
-@pytest.fixture(scope="module")
-def template() -> dict[str, Any]:
-    path = ROOT / "template.yaml"
-    if not path.exists():
-        pytest.skip("no template.yaml")
-    return yaml.load(path.read_text(), Loader=_CfnLoader)  # noqa: S506 - SafeLoader subclass
 
 
 def test_function_url_has_no_cors_and_buffers(template: dict[str, Any]) -> None:

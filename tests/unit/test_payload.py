@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
-from conftest import APPLICATION_TOKEN, MEMBER_ID, load_event
+from fixtures.aws import APPLICATION_TOKEN, MEMBER_ID, load_event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -18,7 +18,7 @@ PREFIX = "/b24-cleanup/test"
 
 @pytest.fixture
 def ssm() -> Iterator[object]:
-    # Fake credentials and region come from conftest's autouse fixture.
+    # Fake credentials and region come from the autouse fixture in tests/fixtures/aws.py.
     with mock_aws():
         yield boto3.client("ssm", region_name="us-east-1")
 
