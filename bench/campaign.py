@@ -12,7 +12,8 @@ botocore hooks fail `--aws-fault-rate` of the SSM and SQS calls the handlers mak
 reset connections, and replies lost after the call took effect). Scheduler → queue → worker runs
 through `drain`, with redelivery of failed records and moto's dead-letter queue after 5 receives.
 
-At the end it checks SPEC §7 against the emulator's and moto's state:
+At the end it checks SPEC §7 against the emulator's and moto's state, one checker per rule (CHECKS,
+each a function registered with @check; a new rule is one more function):
 - every portal job ended with the outcome its portal was built for, or is in the DLQ (none dropped);
 - no declared handler was unbound; no portal reported cleaned/clean still holds an orphan;
 - every stored refresh token still works at the emulator (refreshed once, at the very end);
@@ -322,6 +323,7 @@ class CampaignReport:
     secrets_leaked: int = 0
     output_lines: int = 0
     seconds: float = 0.0
+    check_lines: list[str] = field(default_factory=list)  # figures checkers add, printed with the invariants
     broken: list[str] = field(default_factory=list)
 
     @property
@@ -362,6 +364,7 @@ class CampaignReport:
             f"tokens verified: {self.tokens_verified}/{self.tokens_expected} stored refresh tokens still refresh",
             f"declared handlers lost: {self.declared_lost} (of {self.declared_rows} declared rows)",
             f"orphans left on portals reported cleaned/clean: {self.orphans_left_when_done}",
+            *self.check_lines,
         ]
         for action, values in sorted(self.metrics.items()):
             lines.append(f"metrics ({action}): " + ", ".join(f"{k} {int(v)}" for k, v in sorted(values.items())))
@@ -673,173 +676,300 @@ def _post_uninstall(capture: _Capture, box: Sandbox, case: Case, token: str, rep
     report.endpoint_statuses[int(answer["statusCode"])] += 1
 
 
+# -- the verdict: the tallies, then one checker per rule of SPEC §7 -----------------------------------------
+
+
+@dataclass
+class Evidence:
+    """What the checkers judge: the emulator's and moto's state after the run, the jobs' results and the
+    captured output. `final` is each (member_id, action)'s last outcome, DLQ for a message moto dead-lettered."""
+
+    box: Sandbox
+    cases: list[Case]
+    jobs: list[dict[str, Any]]
+    capture: _Capture
+    report: CampaignReport
+    final: dict[tuple[str, str], str] = field(default_factory=dict)
+    totals: dict[str, dict[str, float]] = field(default_factory=dict)  # EMF metric sums by action
+    _rows_after: dict[str, set[tuple[str, str, str]]] = field(default_factory=dict)
+    _records: dict[str, PortalRecord | None] | None = None
+
+    def outcome(self, case: Case, action: str) -> str | None:
+        return self.final.get((case.member_id, action))
+
+    def rows_after(self, case: Case) -> set[tuple[str, str, str]]:
+        """The portal's handler rows now, at the emulator."""
+        if case.member_id not in self._rows_after:
+            self._rows_after[case.member_id] = _rows(case, self.box)
+        return self._rows_after[case.member_id]
+
+    def record(self, case: Case) -> PortalRecord | None:
+        """The portal's record now, in SSM (read once for every portal, before the chains are spent)."""
+        if self._records is None:
+            self._records = {c.member_id: self.box.store.get(c.member_id) for c in self.cases}
+        return self._records[case.member_id]
+
+    def staying(self) -> Iterator[Case]:
+        """The portals whose app stays installed (not uninstalled through the endpoint)."""
+        return (case for case in self.cases if case.kind not in UNINSTALL_KINDS)
+
+
+Checker = Callable[[Evidence], Iterable[str]]
+CHECKS: list[Checker] = []
+
+
+def check(checker: Checker) -> Checker:
+    """Register a checker: it yields one message per broken invariant, and may add a figure to the report
+    (a counter the summary prints, or a line in `report.check_lines`). They run in the order defined."""
+    CHECKS.append(checker)
+    return checker
+
+
 def _verify(
     box: Sandbox, cases: list[Case], jobs: list[dict[str, Any]], capture: _Capture, sqs: Any, report: CampaignReport
 ) -> None:
-    broken = report.broken
-    by_member = {c.member_id: c for c in cases}
+    evidence = Evidence(box, cases, jobs, capture, report)
+    _tally_requests(evidence)
+    _tally_outcomes(evidence, sqs)
+    _tally_metrics(evidence)
+    for checker in CHECKS:
+        report.broken.extend(checker(evidence))
 
-    # -- the request log ----------------------------------------------------------------------
-    log = box.emulator.requests_log()
-    report.rest_requests = sum(1 for e in log if e.kind == "rest")
-    report.oauth_requests = sum(1 for e in log if e.kind == "oauth")
+
+def _tally_requests(ev: Evidence) -> None:
+    """REST and OAuth requests, and the faults the emulator injected (random, or scripted on doomed_get)."""
+    log = ev.box.emulator.requests_log()
+    ev.report.rest_requests = sum(1 for e in log if e.kind == "rest")
+    ev.report.oauth_requests = sum(1 for e in log if e.kind == "oauth")
     chaos_codes = set(CHAOS_FAULTS)
-    scripted = {c.member_id for c in cases if c.kind == "doomed_get"}  # their event.get always fails
+    scripted = {c.member_id for c in ev.cases if c.kind == "doomed_get"}  # their event.get always fails
     for e in log:
         if e.kind == "rest" and e.error in chaos_codes:
             if e.member_id in scripted and e.method == "event.get":
-                report.scripted_faults += 1
+                ev.report.scripted_faults += 1
             else:
-                report.rest_faults[e.error] += 1
+                ev.report.rest_faults[e.error] += 1
 
-    # -- jobs, their outcomes, the DLQ and the queue -------------------------------------------
-    final: dict[tuple[str, str], str] = {}
-    for job in jobs:
+
+def _tally_outcomes(ev: Evidence, sqs: Any) -> None:
+    """Each job's last outcome, the DLQ's messages (their outcome: DLQ) and what is left in the queue."""
+    report = ev.report
+    by_member = {c.member_id: c for c in ev.cases}
+    for job in ev.jobs:
         report.jobs += 1
         report.jobs_by_action[job["action"]] += 1
-        final[(job["member_id"], job["action"])] = job["outcome"]
-    for message in _receive_all(sqs, box.dlq_url):
+        ev.final[(job["member_id"], job["action"])] = job["outcome"]
+    for message in _receive_all(sqs, ev.box.dlq_url):
         body = json.loads(message["Body"])
         case = by_member.get(body.get("member_id"))
         report.dlq.append((case.kind if case else "?", body.get("action", "?")))
         report.dlq_deliveries.append(report.delivered.get(message["MessageId"], 0))
-        final[(body.get("member_id"), body.get("action"))] = DLQ
-    if any(n != MAX_RECEIVES for n in report.dlq_deliveries):
-        broken.append(f"DLQ messages delivered {report.dlq_deliveries} times, not maxReceiveCount={MAX_RECEIVES}")
-    report.left_in_queue = len(_receive_all(sqs, box.queue_url))
-    if report.left_in_queue:
-        broken.append(f"{report.left_in_queue} message(s) still in the queue after the drain")
-    for (_, action), outcome in final.items():
+        ev.final[(body.get("member_id"), body.get("action"))] = DLQ
+    report.left_in_queue = len(_receive_all(sqs, ev.box.queue_url))
+    for (_, action), outcome in ev.final.items():
         report.final[action][outcome] += 1
-    spoofed_ok = report.endpoint_statuses.get(401, 0) == min(report.config.spoofs, report.kinds["tidy"])
-    if not spoofed_ok:
-        broken.append(f"forged uninstalls not all refused with 401: {dict(report.endpoint_statuses)}")
-    if report.endpoint_statuses.get(200, 0) != sum(report.kinds[k] for k in UNINSTALL_KINDS):
-        broken.append(f"genuine uninstalls not all accepted: {dict(report.endpoint_statuses)}")
-    for case in cases:
-        for action, allowed in EXPECT[case.kind].items():
-            outcome = final.get((case.member_id, action))
-            if outcome is None:
-                broken.append(
-                    f"{case.kind} portal {case.member_id}: {action} job has no outcome and is not in "
-                    "the DLQ (silently dropped)"
-                )
-            elif outcome != DLQ and outcome not in allowed:
-                broken.append(
-                    f"{case.kind} portal {case.member_id}: {action} ended {outcome}, expected "
-                    f"{'/'.join(sorted(allowed))}"
-                )
-            elif DLQ in allowed and outcome != DLQ:
-                broken.append(f"{case.kind} portal {case.member_id}: {action} ended {outcome}, expected the DLQ")
-        unexpected = {a for (m, a) in final if m == case.member_id} - set(EXPECT[case.kind])
-        if unexpected:
-            broken.append(f"{case.kind} portal {case.member_id}: unexpected jobs {sorted(unexpected)}")
 
-    # -- handler rows: declared kept, orphans gone where reported done -----------------------------
-    for case in cases:
-        after = _rows(case, box)
-        if case.kind in UNINSTALL_KINDS:
-            # The portal deletes every row when it uninstalls the app; an uninstall job with working
-            # tokens unbinds every owned handler, by design.
-            if final.get((case.member_id, "uninstall")) in ("cleaned", "revoked") and after:
-                broken.append(f"{case.kind} portal {case.member_id}: {len(after)} rows left after the uninstall")
-            continue
-        report.declared_rows += len(case.declared_before)
-        lost = case.declared_before - after
-        if lost:
-            report.declared_lost += len(lost)
-            broken.append(f"{case.kind} portal {case.member_id}: declared handlers unbound: {sorted(lost)}")
-        if final.get((case.member_id, "sweep")) in ("cleaned", "clean"):
-            left = {k for k in after if not _is_declared(k)}
-            if left:
-                report.orphans_left_when_done += len(left)
-                broken.append(f"{case.kind} portal {case.member_id} reported done with orphans left: {sorted(left)}")
 
-    # -- records -----------------------------------------------------------------------------------
-    records: dict[str, PortalRecord | None] = {c.member_id: box.store.get(c.member_id) for c in cases}
-    for case in cases:
-        record = records[case.member_id]
-        if case.kind in UNINSTALL_KINDS:
-            if record is not None and final.get((case.member_id, "uninstall")) != DLQ:
-                broken.append(f"{case.kind} portal {case.member_id}: record kept after the uninstall job")
-            continue
-        if record is None:
-            broken.append(f"{case.kind} portal {case.member_id}: record deleted")
-            continue
-        missing = [k for k in RECORD_KEYS if k not in record.data]
-        if missing:
-            broken.append(f"{case.kind} portal {case.member_id}: record lacks {missing} (half-written)")
-        if record.application_token != case.application_token:
-            broken.append(f"{case.kind} portal {case.member_id}: application_token changed")
-        if (
-            case.kind in REVOKED_KINDS
-            and final.get((case.member_id, "sweep")) == "revoked"
-            and (record.revoked_at is None)
-        ):
-            broken.append(f"{case.kind} portal {case.member_id}: revoked but not marked revoked_at")
-        if case.kind in LIVE_KINDS and record.revoked_at is not None:
-            broken.append(f"{case.kind} portal {case.member_id}: live portal marked revoked")
-
-    # -- metrics add up ---------------------------------------------------------------------------
+def _tally_metrics(ev: Evidence) -> None:
+    """The EMF metrics the handlers printed, summed by action."""
     totals: dict[str, dict[str, float]] = defaultdict(dict)
-    for blob in capture.emf:
+    for blob in ev.capture.emf:
         action = str(blob.get("action", "-"))
         for directive in blob["_aws"]["CloudWatchMetrics"]:
-            if directive.get("Dimensions") != [["action"]]:
-                broken.append(f"EMF blob with dimensions {directive.get('Dimensions')} (only [action] allowed)")
             for metric in directive["Metrics"]:
                 values = blob.get(metric["Name"], [])
                 values = values if isinstance(values, list) else [values]
                 totals[action][metric["Name"]] = totals[action].get(metric["Name"], 0) + sum(values)
-    report.metrics = {a: dict(v) for a, v in sorted(totals.items())}
+    ev.totals = totals
+    ev.report.metrics = {a: dict(v) for a, v in sorted(totals.items())}
+
+
+# §7: "A job that did not finish is reported or deleted as if it had: a transient failure fails, retries and
+# ends in the DLQ" (never: the four checkers below).
+
+
+@check
+def failed_jobs_end_in_the_dlq(ev: Evidence) -> Iterator[str]:
+    """Transient failures were retried exactly maxReceiveCount times before the DLQ; nothing is left over."""
+    if any(n != MAX_RECEIVES for n in ev.report.dlq_deliveries):
+        yield f"DLQ messages delivered {ev.report.dlq_deliveries} times, not maxReceiveCount={MAX_RECEIVES}"
+    if ev.report.left_in_queue:
+        yield f"{ev.report.left_in_queue} message(s) still in the queue after the drain"
+
+
+# §7: "A spoofed or malformed request causes any SSM, SQS or Bitrix24 side effect, or a 5xx."
+
+
+@check
+def forged_uninstalls_are_refused(ev: Evidence) -> Iterator[str]:
+    """Every forged ONAPPUNINSTALL (wrong application_token) got a 401."""
+    report = ev.report
+    if report.endpoint_statuses.get(401, 0) != min(report.config.spoofs, report.kinds["tidy"]):
+        yield f"forged uninstalls not all refused with 401: {dict(report.endpoint_statuses)}"
+
+
+@check
+def genuine_uninstalls_are_accepted(ev: Evidence) -> Iterator[str]:
+    """The other side of the endpoint's check (SPEC §5): every genuine ONAPPUNINSTALL was queued (200)."""
+    report = ev.report
+    if report.endpoint_statuses.get(200, 0) != sum(report.kinds[k] for k in UNINSTALL_KINDS):
+        yield f"genuine uninstalls not all accepted: {dict(report.endpoint_statuses)}"
+
+
+@check
+def jobs_end_as_their_portal_was_built(ev: Evidence) -> Iterator[str]:
+    """Every job ended with an outcome its portal allows (EXPECT), or in the DLQ; none was dropped or invented;
+    a transient failure never ends as anything but the DLQ."""
+    for case in ev.cases:
+        name = f"{case.kind} portal {case.member_id}"
+        for action, allowed in EXPECT[case.kind].items():
+            outcome = ev.outcome(case, action)
+            if outcome is None:
+                yield f"{name}: {action} job has no outcome and is not in the DLQ (silently dropped)"
+            elif outcome != DLQ and outcome not in allowed:
+                yield f"{name}: {action} ended {outcome}, expected {'/'.join(sorted(allowed))}"
+            elif DLQ in allowed and outcome != DLQ:
+                yield f"{name}: {action} ended {outcome}, expected the DLQ"
+        unexpected = {a for (m, a) in ev.final if m == case.member_id} - set(EXPECT[case.kind])
+        if unexpected:
+            yield f"{name}: unexpected jobs {sorted(unexpected)}"
+
+
+@check
+def uninstalled_portals_are_gone(ev: Evidence) -> Iterator[str]:
+    """An uninstall job that reports cleaned/revoked left no row (the portal deletes them when it uninstalls
+    the app; with working tokens the job unbinds every owned handler) and, unless it is in the DLQ, no record."""
+    for case in ev.cases:
+        if case.kind not in UNINSTALL_KINDS:
+            continue
+        outcome = ev.outcome(case, "uninstall")
+        after = ev.rows_after(case)
+        if outcome in ("cleaned", "revoked") and after:
+            yield f"{case.kind} portal {case.member_id}: {len(after)} rows left after the uninstall"
+        if ev.record(case) is not None and outcome != DLQ:
+            yield f"{case.kind} portal {case.member_id}: record kept after the uninstall job"
+
+
+# §7: "A declared handler is unbound, or an orphan the held-orphan rules hold; an uninstall job removes a newer
+# installation's record; a live portal's record is deleted."
+
+
+@check
+def declared_handlers_stay_bound(ev: Evidence) -> Iterator[str]:
+    """No declared row was unbound (rows compared before and after, at the emulator)."""
+    for case in ev.staying():
+        ev.report.declared_rows += len(case.declared_before)
+        lost = case.declared_before - ev.rows_after(case)
+        if lost:
+            ev.report.declared_lost += len(lost)
+            yield f"{case.kind} portal {case.member_id}: declared handlers unbound: {sorted(lost)}"
+
+
+@check
+def done_means_no_orphan_left(ev: Evidence) -> Iterator[str]:
+    """§7 (a job reported as finished): a portal whose sweep reports cleaned/clean holds no orphan row."""
+    for case in ev.staying():
+        if ev.outcome(case, "sweep") not in ("cleaned", "clean"):
+            continue
+        left = {k for k in ev.rows_after(case) if not _is_declared(k)}
+        if left:
+            ev.report.orphans_left_when_done += len(left)
+            yield f"{case.kind} portal {case.member_id} reported done with orphans left: {sorted(left)}"
+
+
+@check
+def live_records_stay_whole(ev: Evidence) -> Iterator[str]:
+    """Every staying portal keeps its record, whole (all SPEC §3 keys, the same application_token); revoked
+    portals are marked revoked_at, live ones are not."""
+    for case in ev.staying():
+        name = f"{case.kind} portal {case.member_id}"
+        record = ev.record(case)
+        if record is None:
+            yield f"{name}: record deleted"
+            continue
+        missing = [k for k in RECORD_KEYS if k not in record.data]
+        if missing:
+            yield f"{name}: record lacks {missing} (half-written)"
+        if record.application_token != case.application_token:
+            yield f"{name}: application_token changed"
+        if case.kind in REVOKED_KINDS and ev.outcome(case, "sweep") == "revoked" and record.revoked_at is None:
+            yield f"{name}: revoked but not marked revoked_at"
+        if case.kind in LIVE_KINDS and record.revoked_at is not None:
+            yield f"{name}: live portal marked revoked"
+
+
+@check
+def metrics_add_up(ev: Evidence) -> Iterator[str]:
+    """§7 (a job reported as if it had finished): the EMF metrics agree with the jobs, per action, and with
+    the endpoint's answers and the scheduler's queue; one dimension, `action`."""
+    for blob in ev.capture.emf:
+        for directive in blob["_aws"]["CloudWatchMetrics"]:
+            if directive.get("Dimensions") != [["action"]]:
+                yield f"EMF blob with dimensions {directive.get('Dimensions')} (only [action] allowed)"
     for action in ("sweep", "uninstall"):
-        mine = [j for j in jobs if j["action"] == action]
-        values = totals.get(action, {})
-        processed = values.get("PortalsProcessed", 0)
-        counters = sum(values.get(name, 0) for name in OUTCOME_COUNTERS.values())
-        clean = sum(1 for j in mine if j["outcome"] == "clean")
-        if processed != counters + clean:
-            broken.append(f"{action}: PortalsProcessed {processed} != outcome counters {counters} + clean {clean}")
-        if processed != len(mine):
-            broken.append(f"{action}: PortalsProcessed {processed} != {len(mine)} jobs that reached an outcome")
-        for outcome, name in OUTCOME_COUNTERS.items():
-            expected = sum(1 for j in mine if j["outcome"] == outcome)
-            if values.get(name, 0) != expected:
-                broken.append(f"{action}: {name} {values.get(name, 0)} != {expected} {outcome} jobs")
-    endpoint_values = totals.get("endpoint", {})
-    if endpoint_values.get("UninstallAccepted", 0) != report.endpoint_statuses.get(200, 0):
-        broken.append("endpoint: UninstallAccepted does not match the 200 answers")
-    if endpoint_values.get("UninstallRejected", 0) != report.endpoint_statuses.get(401, 0):
-        broken.append("endpoint: UninstallRejected does not match the 401 answers")
-    if totals.get("scheduler", {}).get("PortalsEnqueued", 0) != report.enqueued:
-        broken.append("scheduler: PortalsEnqueued does not match the jobs enqueued")
+        yield from _job_metrics_agree(action, [j for j in ev.jobs if j["action"] == action], ev.totals.get(action, {}))
+    endpoint_values = ev.totals.get("endpoint", {})
+    if endpoint_values.get("UninstallAccepted", 0) != ev.report.endpoint_statuses.get(200, 0):
+        yield "endpoint: UninstallAccepted does not match the 200 answers"
+    if endpoint_values.get("UninstallRejected", 0) != ev.report.endpoint_statuses.get(401, 0):
+        yield "endpoint: UninstallRejected does not match the 401 answers"
+    if ev.totals.get("scheduler", {}).get("PortalsEnqueued", 0) != ev.report.enqueued:
+        yield "scheduler: PortalsEnqueued does not match the jobs enqueued"
 
-    # -- no secret in anything printed or logged ----------------------------------------------------
-    secrets = {s for s in box.emulator.secrets() if s}
-    text = capture.text()
-    report.output_lines = len(capture.lines)
-    report.secrets_checked = len(secrets)
+
+def _job_metrics_agree(action: str, mine: list[dict[str, Any]], values: dict[str, float]) -> Iterator[str]:
+    processed = values.get("PortalsProcessed", 0)
+    counters = sum(values.get(name, 0) for name in OUTCOME_COUNTERS.values())
+    clean = sum(1 for j in mine if j["outcome"] == "clean")
+    if processed != counters + clean:
+        yield f"{action}: PortalsProcessed {processed} != outcome counters {counters} + clean {clean}"
+    if processed != len(mine):
+        yield f"{action}: PortalsProcessed {processed} != {len(mine)} jobs that reached an outcome"
+    for outcome, name in OUTCOME_COUNTERS.items():
+        expected = sum(1 for j in mine if j["outcome"] == outcome)
+        if values.get(name, 0) != expected:
+            yield f"{action}: {name} {values.get(name, 0)} != {expected} {outcome} jobs"
+
+
+# §7: "A token, refresh token, client secret or application token appears in a log line, a metric, an exception
+# message or a CLI output."
+
+
+@check
+def no_secret_in_output(ev: Evidence) -> Iterator[str]:
+    """No secret the emulator issued appears in anything the handlers printed or logged."""
+    secrets = {s for s in ev.box.emulator.secrets() if s}
+    text = ev.capture.text()
+    ev.report.output_lines = len(ev.capture.lines)
+    ev.report.secrets_checked = len(secrets)
     leaked = [s for s in secrets if s in text]
-    report.secrets_leaked = len(leaked)
+    ev.report.secrets_leaked = len(leaked)
     if leaked:
-        broken.append(f"{len(leaked)} secret(s) found in the output or logs")
+        yield f"{len(leaked)} secret(s) found in the output or logs"
 
-    # -- last: every live chain still works (this spends each stored refresh token once) -----------
-    oauth = OAuthClient(box.store.app_credentials())
-    for case in cases:
-        record = records[case.member_id]
+
+# §7: "A rotated refresh token is lost (written nowhere, or overwritten by an older one), also while SSM
+# throttles writes at its quota." Last of all: it spends each stored refresh token once.
+
+
+@check
+def stored_chains_still_refresh(ev: Evidence) -> Iterator[str]:
+    """Every live portal's stored refresh token is the live end of its chain: it still refreshes."""
+    oauth = OAuthClient(ev.box.store.app_credentials())
+    for case in ev.cases:
+        record = ev.record(case)
         if case.kind not in LIVE_KINDS or record is None:
             continue
-        report.tokens_expected += 1
+        ev.report.tokens_expected += 1
         try:
-            oauth.refresh(box.emulator.oauth_url, record.refresh_token)
+            oauth.refresh(ev.box.emulator.oauth_url, record.refresh_token)
         except Exception as exc:  # any failure is the finding
-            broken.append(
+            yield (
                 f"{case.kind} portal {case.member_id}: stored refresh token refused ({type(exc).__name__}:"
                 f" {getattr(exc, 'code', '')})"
             )
         else:
-            report.tokens_verified += 1
+            ev.report.tokens_verified += 1
 
 
 # ------------------------------------------------------------------------------------------ CLI
