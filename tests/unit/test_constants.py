@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from conftest import AwsAccount
+from fixtures.aws import AwsAccount
 
 import b24_cleanup
 from b24_cleanup import client, config, oauth, pacing, payload, planner, runtime

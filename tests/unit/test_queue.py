@@ -21,7 +21,7 @@ SCHEDULED = "2026-11-25T02:00:00Z"
 
 @pytest.fixture
 def sqs() -> Iterator[Any]:
-    # Fake credentials and region come from conftest's autouse fixture.
+    # Fake credentials and region come from the autouse fixture in tests/fixtures/aws.py.
     with mock_aws():
         yield boto3.client("sqs", region_name="us-east-1")
 
