@@ -208,10 +208,15 @@ class PortalClient:
 
     # -- batch -------------------------------------------------------------------------
     def batch(self, commands: Sequence[Command]) -> dict[str, CommandResult]:
-        """Run `commands` with `halt=0`, ≤50 a request; each command's result or error by key."""
+        """Run `commands` with `halt=0`, ≤50 a request; each command's result or error by key.
+
+        Commands marked `alone` go as single calls after the batches (SPEC §5 step 5): one
+        request each, their parameters top-level.
+        """
         results: dict[str, CommandResult] = {}
-        for start in range(0, len(commands), BATCH_LIMIT):
-            chunk = commands[start : start + BATCH_LIMIT]
+        batched = [c for c in commands if not c.alone]
+        for start in range(0, len(batched), BATCH_LIMIT):
+            chunk = batched[start : start + BATCH_LIMIT]
             if not self.batch_refused:
                 try:
                     results.update(self._batch_chunk(chunk))
@@ -222,6 +227,7 @@ class PortalClient:
                     log.warning("portal refused batch (%s); falling back to single calls", exc.code)
                     self.batch_refused = True
             results.update(self._singles(chunk))
+        results.update(self._singles([c for c in commands if c.alone]))
         return results
 
     def _batch_chunk(self, chunk: Sequence[Command]) -> dict[str, CommandResult]:

@@ -20,12 +20,15 @@ class Command:
     """One REST call, ready for `PortalClient.batch` under `key`.
 
     `key` is never a digit string: numeric keys turn the answer's sections into lists (reference
-    §9). `params` hold strings only, because batch commands travel as query strings.
+    §9). `params` hold strings only, because batch commands travel as query strings. `alone`: the
+    command must be a single call of its own, never a `batch` sub-command (SPEC §5 step 5: a
+    sub-command's `auth_connector` is not read, the batch's auth data is).
     """
 
     key: str
     method: str
     params: Mapping[str, str] = field(hash=False)
+    alone: bool = False
 
     def batch_query(self) -> str:
         """The command as a `batch` `cmd` value: `method?a=...&b=...` (encoded once)."""

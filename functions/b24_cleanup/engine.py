@@ -1,8 +1,9 @@
 """The cleanup engine: one job for one portal, SPEC §5 steps 1-8.
 
-Request budget per job: one `event.get`, ⌈c/50⌉ `batch` calls for c unbind commands, and one
-OAuth call when a refresh is due. Transient trouble raises :class:`JobFailedError` so that the worker
-fails the SQS record and the retry plans afresh; nothing that did not finish is reported as done.
+Request budget per job: one `event.get`, ⌈c/50⌉ `batch` calls for c batched unbind commands, one
+single call per connector-keyed offline row, and one OAuth call when a refresh is due. Transient
+trouble raises :class:`JobFailedError` so that the worker fails the SQS record and the retry plans
+afresh; nothing that did not finish is reported as done.
 """
 
 from __future__ import annotations

@@ -393,10 +393,19 @@ def unbind_commands(orphans: Sequence[HandlerRow]) -> list[Command]:
     event is sent upper-cased, which is how Bitrix24 stores it anyway. Commands come in the
     order their first row appeared; keys are `u0`, `u1`, ... over the whole list, so they stay
     unique when the caller cuts the list into batches of 50.
+
+    A connector-keyed offline row's command is `alone`: sent as a single call with
+    `auth_connector` top-level, because inside `batch` the portal would read the batch's (empty)
+    connector and remove the row *without* one instead (SPEC §5 step 5, reference §15).
     """
     groups = dict.fromkeys(_unbind_group(row) for row in orphans)  # an ordered set
     return [
-        Command(command_key(index), UNBIND_METHOD, MappingProxyType(_unbind_params(*group)))
+        Command(
+            command_key(index),
+            UNBIND_METHOD,
+            MappingProxyType(_unbind_params(*group)),
+            alone=group[0] and bool(group[2]),
+        )
         for index, group in enumerate(groups)
     ]
 

@@ -436,9 +436,9 @@ def test_refresh_rotates_and_spends_the_old_pair(world: World, emu: Emulator) ->
 
 def test_refresh_client_errors(world: World, emu: Emulator) -> None:
     token = world.admin.refresh_token
-    err(refresh(emu, world.app, token, secret="wrong"), 401, "invalid_client")
+    err(refresh(emu, world.app, token, secret="wrong"), 400, "invalid_client")
     unknown = App("local.nobody.1", "nope")
-    err(refresh(emu, unknown, token), 401, "invalid_client")
+    err(refresh(emu, unknown, token), 200, "wrong_client")  # HTTP 200 (reference §15)
     err(refresh(emu, world.app, ""), 400, "invalid_request")
     err(refresh(emu, world.app, "f" * 64), 400, "invalid_grant")
     assert requests.post(emu.oauth_url, data={"grant_type": "refresh_token"}, timeout=5).status_code == 405
@@ -464,7 +464,7 @@ def test_uninstall_removes_rows_revokes_tokens_and_refresh(world: World, emu: Em
 
     again = emu.install(world.portal, world.app)  # a reinstall: old tokens stay dead
     assert again.application_token != world.admin.application_token
-    err(rest(world.portal, "event.get", world.admin.access_token), 401, "NO_AUTH_FOUND")
+    err(rest(world.portal, "event.get", world.admin.access_token), 401, "invalid_token")
     err(refresh(emu, world.app, world.user.refresh_token), 400, "invalid_grant")
     assert ok(rest(world.portal, "event.get", again.access_token)) == []
 
@@ -478,12 +478,16 @@ def test_uninstalled_refresh_error_is_configurable() -> None:
 
 
 def test_token_checks(world: World, emu: Emulator) -> None:
+    # NO_AUTH_FOUND only when no token came at all; a token the portal never issued is
+    # invalid_token (reference §15, b24pysdk's live-portal tests).
     err(rest(world.portal, "event.get", None), 401, "NO_AUTH_FOUND")
+    err(rest(world.portal, "event.get", ""), 401, "NO_AUTH_FOUND")
     secret_looking = "deadbeef" * 8
-    refused = err(rest(world.portal, "event.get", secret_looking), 401, "NO_AUTH_FOUND")
+    refused = err(rest(world.portal, "event.get", secret_looking), 401, "invalid_token")
+    assert refused["error_description"] == "Unable to get application by token"
     assert secret_looking not in str(refused)
     elsewhere = emu.add_portal("elsewhere.bitrix24.test")
-    err(rest(elsewhere, "event.get", world.admin.access_token), 401, "NO_AUTH_FOUND")
+    err(rest(elsewhere, "event.get", world.admin.access_token), 401, "invalid_token")
 
     stale = emu.issue_tokens(world.portal, world.app, 1, expires_in=-1)
     err(rest(world.portal, "event.get", stale.access_token), 401, "expired_token")
@@ -522,7 +526,9 @@ def test_unknown_method_portal_and_deleted_portal(world: World, emu: Emulator) -
     with pytest.raises(requests.ConnectionError):
         requests.post(f"http://127.0.0.254:{emu.port}/rest/event.get", json={}, timeout=5)
     world.portal.deleted = True
-    err(rest(world.portal, "event.get", world.admin.access_token), 500, "PORTAL_DELETED")
+    # [docs] _includes/system-errors.md (newer revision): 403 "Portal was deleted".
+    body = err(rest(world.portal, "event.get", world.admin.access_token), 403, "PORTAL_DELETED")
+    assert body["error_description"] == "Portal was deleted"
 
 
 # ----------------------------------------------------------------------------------- rename
@@ -731,7 +737,7 @@ def test_request_log_counts_and_holds_no_token(world: World, emu: Emulator) -> N
     ok(rest(world.portal, "batch", admin, cmd={"a": "event.get", "b": _unbind_cmd(URL)}))
     requests.get(world.portal.client_endpoint + "event.get", params={"auth": admin}, timeout=5)
     fresh = refresh(emu, world.app, world.admin.refresh_token).json()
-    err(refresh(emu, world.app, fresh["refresh_token"], secret="guess"), 401, "invalid_client")
+    err(refresh(emu, world.app, fresh["refresh_token"], secret="guess"), 400, "invalid_client")
     rest(world.portal, "event.get", "00" * 32)
 
     log = emu.requests_log()

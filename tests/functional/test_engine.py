@@ -69,12 +69,13 @@ def test_uninstall_with_working_tokens_unbinds_everything_on_budget(box: Sandbox
 
     result = make_engine(box).run(uninstall_job(seeded))
 
-    commands = 20 + 60 + 3
+    pairs, offline_plain, offline_keyed = 20 + 60, 2, 1  # p, f, g of SPEC §5's budget
     assert result.outcome is Outcome.CLEANED
     assert result.found == 123
     assert result.unbound == 123
     assert seeded.portal.handlers(box.app) == []
-    assert result.rest_calls == 1 + math.ceil(commands / 50) == rest_calls(box, seeded.member_id)
+    budget = 1 + math.ceil((pairs + offline_plain) / 50) + offline_keyed
+    assert result.rest_calls == budget == rest_calls(box, seeded.member_id)
     assert rest_calls(box, seeded.member_id, "batch") == 2
     assert box.record(seeded.member_id) is None
 
@@ -212,6 +213,40 @@ def test_transient_command_failure_fails_the_job_and_a_rerun_finishes(box: Sandb
     again = make_engine(box).run(sweep_job(seeded))
     assert again.outcome is Outcome.CLEANED and again.unbound == 1
     assert seeded.portal.handlers(box.app) == []
+
+
+def test_connector_keyed_offline_rows_go_by_single_calls_on_budget(box: Sandbox) -> None:
+    """SPEC §5 step 5: inside `batch` a command's auth_connector is not read (the emulator, like
+    the portal, applies the batch's own), so each connector-keyed row is a single call."""
+    rows = [{"event": "ONCRMDEALADD", "handler": f"https://o{i}.example.com/h"} for i in range(55)]  # p = 55
+    rows += [{"event": "ONCRMLEADUPDATE", "offline": True}, {"event": "ONCRMDEALADD", "offline": True}]  # f = 2
+    rows += [
+        {"event": "ONCRMLEADUPDATE", "offline": True, "connector_id": "erp"},
+        {"event": "ONCRMLEADUPDATE", "offline": True, "connector_id": "shop"},
+        {"event": "ONCRMDEALADD", "offline": True, "connector_id": "erp"},
+    ]  # g = 3
+    kept = [
+        {"event": "ONCRMLEADADD", "handler": APP_URL},
+        {"event": "ONCRMDEALUPDATE", "offline": True, "connector_id": "erp"},  # declared offline event
+    ]
+    seeded = box.add_portal("connectors.bitrix24.test", handlers=rows + kept)
+    box.emulator.clear_log()
+
+    result = make_engine(box).run(sweep_job(seeded))
+
+    assert result.outcome is Outcome.CLEANED
+    assert result.unbound == 55 + 2 + 3
+    left = seeded.portal.handlers(box.app)
+    assert left == [
+        {"event": "ONCRMLEADADD", "handler": APP_URL, "auth_type": "0", "offline": 0},
+        {"event": "ONCRMDEALUPDATE", "connector_id": "erp", "offline": 1},
+    ]
+    assert result.rest_calls == 1 + math.ceil((55 + 2) / 50) + 3 == rest_calls(box, seeded.member_id)
+    assert rest_calls(box, seeded.member_id, "batch") == 2
+    singles = box.emulator.requests_log(member_id=seeded.member_id, method="event.unbind")
+    assert len(singles) == 3 and all("auth_connector" in e.params_keys for e in singles)
+    batches = box.emulator.requests_log(member_id=seeded.member_id, method="batch")
+    assert all("auth_connector" not in e.params_keys for e in batches)
 
 
 def test_permanent_command_failure_ends_incomplete(box: Sandbox) -> None:

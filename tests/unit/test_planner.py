@@ -685,3 +685,15 @@ def test_one_malformed_entry_always_invalidates(entries: list[dict[str, Any]], i
     broken_entries = [*entries[:position], broken, *entries[position:]]
     with pytest.raises(InvalidDeclaredSetError, match=rf"handlers\[{position}\]"):
         DeclaredSet.parse(json.dumps({"handlers": broken_entries}))
+
+
+def test_only_connector_keyed_offline_commands_go_alone() -> None:
+    """SPEC §5 step 5: a connector-keyed offline unbind is a single call, never a batch command."""
+    orphans = [online("ONX", OLD_URL), offline("ONY"), offline("ONY", "erp"), offline("ONZ", "shop")]
+    commands = unbind_commands(orphans)
+    assert [(c.params.get("auth_connector", ""), c.alone) for c in commands] == [
+        ("", False),
+        ("", False),
+        ("erp", True),
+        ("shop", True),
+    ]

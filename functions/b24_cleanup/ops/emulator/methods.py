@@ -29,6 +29,30 @@ _EVENT_NAME_RE = re.compile(r"^ON[A-Z0-9_]+$")
 # Events whose description carries `disableOffline` ([src] Event::onRestServiceBuildDescription).
 _NO_OFFLINE_EVENTS = frozenset({"ONOFFLINEEVENT"})
 _INT_PREFIX_RE = re.compile(r"^\s*([+-]?\d+)")
+# The scope an event belongs to, by name prefix (longest first). [docs] lists events per scope;
+# the emulator keeps only the prefixes, and an event of no listed prefix counts as `basic`
+# (always allowed): there is no full event list here.
+_EVENT_SCOPES: tuple[tuple[str, str], ...] = (
+    ("ONIMCONNECTOR", "imconnector"),
+    ("ONIMBOT", "imbot"),
+    ("ONIMOPENLINES", "imopenlines"),
+    ("ONCRM", "crm"),
+    ("ONTASK", "task"),
+    ("ONUSER", "user"),
+    ("ONIM", "im"),
+    ("ONCALENDAR", "calendar"),
+    ("ONSONETGROUP", "sonet_group"),
+    ("ONDISK", "disk"),
+    ("ONTELEPHONY", "telephony"),
+    ("ONVOXIMPLANT", "telephony"),
+    ("ONLISTS", "lists"),
+    ("ONSALE", "sale"),
+    ("ONCATALOG", "catalog"),
+    ("ONLANDING", "landing"),
+    ("ONTIMEMAN", "timeman"),
+    ("ONBIZPROC", "bizproc"),
+)
+_CANONICAL_INT_RE = re.compile(r"^(0|-?[1-9]\d*)$")
 
 
 @dataclass(frozen=True)
@@ -159,7 +183,7 @@ def event_bind(caller: Caller, params: dict[str, Any]) -> bool:
     _check_connector(caller, connector)
     if handler:
         _check_handler_url(handler)
-    if not _EVENT_NAME_RE.match(event):
+    if not _EVENT_NAME_RE.match(event) or not _in_scope(caller, event):
         raise ApiError("ERROR_EVENT_NOT_FOUND", "Event not found")
     if kind == "offline" and event in _NO_OFFLINE_EVENTS:
         raise ApiError("ERROR_ARGUMENT", "Offline event cannot be registered for this event.")
@@ -167,6 +191,20 @@ def event_bind(caller: Caller, params: dict[str, Any]) -> bool:
     options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
     caller.portal._add_row(caller.client_id, event, handler, user, connector, options)
     return True
+
+
+def event_scope(event: str) -> str:
+    """The scope an event needs (`basic` for app events and unlisted prefixes)."""
+    for prefix, needed in _EVENT_SCOPES:
+        if event.startswith(prefix):
+            return needed
+    return "basic"
+
+
+def _in_scope(caller: Caller, event: str) -> bool:
+    """[docs] event.bind: the event must be in the app's scopes or in `basic`."""
+    needed = event_scope(event)
+    return needed == "basic" or needed in scope(caller, {})
 
 
 def event_unbind(caller: Caller, params: dict[str, Any]) -> dict[str, int]:
@@ -275,7 +313,14 @@ def batch_command_names(params: dict[str, Any]) -> list[str]:
 
 
 def _section(values: dict[str, Any]) -> dict[str, Any] | list[Any]:
-    return values if values else []  # PHP's empty array is JSON `[]` (reference §9)
+    """A batch section as PHP's `json_encode` writes an array: empty → `[]` (reference §9), keys
+    `0`…`n-1` in order → a JSON list ([fb24] #44: numeric command keys), else an object."""
+    if not values:
+        return []
+    keys = list(values)
+    if all(_CANONICAL_INT_RE.match(k) for k in keys) and [int(k) for k in keys] == list(range(len(keys))):
+        return list(values.values())
+    return values
 
 
 def batch(caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
@@ -285,6 +330,9 @@ def batch(caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
     (that one included). `$result[...]` chaining is not emulated.
     """
     halt = php_bool(lower_keys(params).get("halt"))
+    # The sub-calls inherit the batch's auth data, `auth_connector` included; one given inside a
+    # command is not read ([src] CRestServerBatchItem, reference §15).
+    connector = lower_keys(params).get("auth_connector")
     results: dict[str, Any] = {}
     errors: dict[str, Any] = {}
     times: dict[str, Any] = {}
@@ -292,6 +340,10 @@ def batch(caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         if index < BATCH_MAX_LENGTH:
             method, sub_params = split_command(command)
             sub_params.pop("auth", None)  # the batch's own auth is inherited, not overridden
+            for name in [k for k in sub_params if str(k).lower() == "auth_connector"]:
+                del sub_params[name]
+            if connector is not None:
+                sub_params["auth_connector"] = connector
             started = time.time()
             try:
                 results[key] = call(caller, method, sub_params, in_batch=True)

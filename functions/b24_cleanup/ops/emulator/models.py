@@ -20,9 +20,11 @@ DESCRIPTIONS: dict[str, str] = {
     "INTERNAL_SERVER_ERROR": "Internal server error",
     "ERROR_UNEXPECTED_ANSWER": "Server returned an unexpected response",
     "QUERY_LIMIT_EXCEEDED": "Too many requests",
-    "OPERATION_TIME_LIMIT": "Method is blocked due to operation time limit.",
+    "OPERATION_TIME_LIMIT": "Method is blocked due to operation time limit",
     "OVERLOAD_LIMIT": "REST API is blocked due to overload",
     "NO_AUTH_FOUND": "Wrong authorization data",
+    "invalid_token": "Unable to get application by token",
+    "ERROR_EVENT_NOT_FOUND": "Event not found",
     "APPLICATION_NOT_FOUND": "Application not found",
     "expired_token": "The access token provided has expired.",
     "authorization_error": "Unable to authorize user",
@@ -48,7 +50,7 @@ STATUSES: dict[str, int] = {
     "QUERY_LIMIT_EXCEEDED": 503,
     "OPERATION_TIME_LIMIT": 429,
     "OVERLOAD_LIMIT": 503,
-    "PORTAL_DELETED": 500,
+    "PORTAL_DELETED": 403,
     "NO_AUTH_FOUND": 401,
     "expired_token": 401,
     "APPLICATION_NOT_FOUND": 401,
@@ -214,8 +216,11 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def time_block(start: float, finish: float) -> dict[str, Any]:
-    """The `time` object of every success answer (reference §8, §10)."""
+def time_block(
+    start: float, finish: float, *, operating: float = 0.0, operating_reset_at: int | None = None
+) -> dict[str, Any]:
+    """The `time` object of every success answer (reference §8, §10); `operating` is what the
+    called method has accumulated in the current ten-minute window."""
     duration = max(finish - start, 0.0)
     return {
         "start": start,
@@ -224,6 +229,6 @@ def time_block(start: float, finish: float) -> dict[str, Any]:
         "processing": duration,
         "date_start": _iso(start),
         "date_finish": _iso(finish),
-        "operating": 0,
-        "operating_reset_at": int(start) + 600,
+        "operating": round(operating, 6),
+        "operating_reset_at": operating_reset_at if operating_reset_at is not None else int(start) + 600,
     }

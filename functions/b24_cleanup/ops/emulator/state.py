@@ -46,6 +46,11 @@ TIMEOUT = "timeout"
 
 # HTTP status of each error the OAuth server may give for an uninstalled app (reference §7, §14).
 _OAUTH_GONE_STATUS = {"invalid_grant": 400}
+# The resource limit (reference §10): per app and method, processing seconds summed over ten
+# one-minute buckets; above the limit the method answers 429 until the oldest bucket drops.
+OPERATING_LIMIT = 480.0
+_OPERATING_BUCKET = 60
+_OPERATING_BUCKETS = 10
 
 
 # -- internal records ------------------------------------------------------------------------
@@ -173,6 +178,10 @@ class Portal:
         self._level_at = time.monotonic()
         self._fail_next: list[_FailNext] = []
         self._fail_commands: list[_FailCommand] = []
+        # Operating time (reference §10, §15): seconds per (client_id, method) per minute bucket.
+        self.operating_limit = OPERATING_LIMIT
+        self.method_cost: dict[str, float] = {}  # simulated processing seconds billed per call
+        self._operating: dict[tuple[str, str], dict[int, float]] = {}
 
     def __repr__(self) -> str:
         return f"Portal(name={self._name!r}, host={self._host!r}, member_id={self.member_id!r})"
@@ -310,6 +319,25 @@ class Portal:
             return False
         self._level += 1
         return True
+
+    def operating(self, app: App, method: str) -> float:
+        """Seconds `app` has spent in `method` within the current ten-minute window."""
+        with self._state.lock:
+            return self._operating_used(app.client_id, method, time.time())[0]
+
+    def _operating_used(self, client_id: str, method: str, now: float) -> tuple[float, int]:
+        """(seconds used in the window, unix time the oldest bucket drops)."""
+        current = int(now // _OPERATING_BUCKET)
+        buckets = self._operating.get((client_id, method), {})
+        for old in [b for b in buckets if b <= current - _OPERATING_BUCKETS]:
+            del buckets[old]
+        oldest = min(buckets, default=current)
+        return sum(buckets.values()), (oldest + _OPERATING_BUCKETS) * _OPERATING_BUCKET
+
+    def _bill(self, client_id: str, method: str, seconds: float, now: float) -> None:
+        buckets = self._operating.setdefault((client_id, method), {})
+        bucket = int(now // _OPERATING_BUCKET)
+        buckets[bucket] = buckets.get(bucket, 0.0) + seconds
 
     def _top_fault(self, method: str) -> _FailNext | None:
         for rule in self._fail_next:
@@ -642,7 +670,7 @@ class State:
                 page = f"<html><body>302 Found: {portal.client_endpoint}</body></html>"
                 return Reply(302, headers={"Location": location}, text=page, log=log)
             if portal.deleted:
-                return Reply.error(ApiError("PORTAL_DELETED", None, 500), **log)
+                return Reply.error(ApiError("PORTAL_DELETED", None, 403), **log)
             if self.rate_limit and not portal._take():
                 return Reply.error(ApiError("QUERY_LIMIT_EXCEEDED", None, 503), **log)
             rule = portal._top_fault(method)
@@ -657,21 +685,41 @@ class State:
             try:
                 caller = self._authenticate(portal, auth)
                 log.update(client_id=caller.client_id, user_id=caller.user_id)
+            except ApiError as err:
+                return Reply.error(err, **log)
+            used, reset_at = portal._operating_used(caller.client_id, method, started)
+            if used > portal.operating_limit:
+                blocked = ApiError("OPERATION_TIME_LIMIT", None, 429)
+                timing = time_block(started, time.time(), operating=used, operating_reset_at=reset_at)
+                return Reply(429, {**blocked.body(), "time": timing}, log={"error": blocked.code, **log})
+            try:
                 result = methods.call(caller, method, params)
             except ApiError as err:
                 return Reply.error(err, **log)
-            return Reply(200, {"result": result, "time": time_block(started, time.time())}, log=log)
+            finished = time.time()
+            # A batch is billed to `batch` as one request, its sub-commands' work included, and
+            # nothing to the sub-commands' methods (b24jssdk PR #539, reference §15).
+            billed = (finished - started) + portal.method_cost.get(method, 0.0)
+            if method == "batch":
+                names = methods.batch_command_names(params)[: methods.BATCH_MAX_LENGTH]
+                billed += sum(portal.method_cost.get(name, 0.0) for name in names)
+            portal._bill(caller.client_id, method, billed, finished)
+            used, reset_at = portal._operating_used(caller.client_id, method, finished)
+            timing = time_block(started, finished, operating=used, operating_reset_at=reset_at)
+            return Reply(200, {"result": result, "time": timing}, log=log)
 
     def _authenticate(self, portal: Portal, token: str | None) -> methods.Caller:
         """The portal-side token check, in the order of reference §11."""
-        rec = self._access.get(token) if token else None
+        if not token:
+            raise ApiError("NO_AUTH_FOUND", None, 401)  # only when no token came at all
+        rec = self._access.get(token)
         if rec is None or rec.member_id != portal.member_id:
-            raise ApiError("NO_AUTH_FOUND", None, 401)
+            raise ApiError("invalid_token", None, 401)  # a token this portal never issued
         inst = portal._installs.get(rec.client_id)
         if inst is None or not inst.installed:
             raise ApiError("APPLICATION_NOT_FOUND", None, 401)
         if inst.generation != rec.generation:
-            raise ApiError("NO_AUTH_FOUND", None, 401)  # revoked by an uninstall, then reinstalled
+            raise ApiError("invalid_token", None, 401)  # revoked by an uninstall, then reinstalled
         if rec.superseded or rec.expires <= time.time():
             raise ApiError("expired_token", None, 401)
         if rec.user_id not in portal.users:
@@ -689,8 +737,11 @@ class State:
             if q.get("grant_type") != "refresh_token":
                 return Reply.error(ApiError("invalid_request", "Unsupported grant_type"), **log)
             app = self.apps.get(q.get("client_id", ""))
-            if app is None or not hmac.compare_digest(q.get("client_secret", "").encode(), app.client_secret.encode()):
-                return Reply.error(ApiError("invalid_client", None, 401), **log)
+            if app is None:
+                # An unknown client_id is refused with HTTP 200 (reference §15, b24pysdk's live tests).
+                return Reply.error(ApiError("wrong_client", None, 200), **log)
+            if not hmac.compare_digest(q.get("client_secret", "").encode(), app.client_secret.encode()):
+                return Reply.error(ApiError("invalid_client", None, 400), **log)
             log["client_id"] = app.client_id
             token = q.get("refresh_token", "")
             if not token:
