@@ -181,6 +181,7 @@ class Engine:
         if record is None:
             result.outcome, result.reason = Outcome.SKIPPED, "no stored record"
             return
+        result.domain = record.domain
         if job.action is Action.UNINSTALL and not _same_token(record, job.application_token):
             result.outcome = Outcome.SKIPPED
             result.reason = "the portal was reinstalled since (application_token differs)"

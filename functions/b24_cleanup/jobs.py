@@ -100,6 +100,7 @@ class JobResult:
     member_id: str
     outcome: Outcome = Outcome.CLEAN
     dry_run: bool = False
+    domain: str = ""  # the portal's domain as its record says (for operators' tables; not secret)
     found: int = 0
     unbound: int = 0
     kept: int = 0
@@ -138,6 +139,7 @@ class JobResult:
         """A log- and JSON-friendly view (member id and counts; no token)."""
         return {
             "member_id": self.member_id,
+            "domain": self.domain,
             "action": self.action.value,
             "outcome": self.outcome.value,
             "dry_run": self.dry_run,

@@ -42,10 +42,10 @@ def test_sweep_all_prints_a_table_and_a_summary(box: Sandbox) -> None:
     dirty, tidy = seed_two(box)
     code, out, err = run("sweep")
     assert code == 0, err
-    assert "member_id" in out.splitlines()[0]
+    assert out.splitlines()[0].split()[:3] == ["member_id", "domain", "outcome"]
     lines = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
-    assert lines[dirty.member_id][1] == "cleaned"
-    assert lines[tidy.member_id][1] == "clean"
+    assert lines[dirty.member_id][1:3] == ["dirty.bitrix24.test", "cleaned"]
+    assert lines[tidy.member_id][1:3] == ["tidy.bitrix24.test", "clean"]
     assert "outcomes: cleaned 1, clean 1" in out
     assert "unbound 1" in out
     assert len(dirty.portal.handlers(box.app)) == 1
@@ -108,6 +108,11 @@ def test_usual_mistakes_are_one_line(box: Sandbox, argv: tuple[str, ...], messag
             Name="/nothing/here/app/handlers",
             Type="String",
             Value=json.dumps({"handlers": [{"event": "E", "handler": APP_URL}]}),
+        )
+        box.store.client.put_parameter(
+            Name="/nothing/here/app/credentials",
+            Type="SecureString",
+            Value=json.dumps({"client_id": "c", "client_secret": "s"}),
         )
     code, out, err = run(*argv)
     assert code == 2
@@ -203,11 +208,25 @@ def test_no_prefix_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_demo_runs_offline_and_every_portal_ends_as_expected() -> None:
     code, out, err = run("demo")
     assert code == 0, out + err
-    assert "12/12 portals ended as expected" in out
+    assert "13/13 portals ended as expected" in out
     outcome_table = out.split("sweep detail:")[0]
+    assert outcome_table.splitlines()[2].split()[:2] == ["portal", "domain"]
+    assert "endpoint HTTP" in outcome_table and "endpoint HTTP: the status" in outcome_table
     rows = {line.split()[0]: line for line in outcome_table.splitlines() if line.split()}
     assert "revoked" in rows["lost"] and "401" in rows["spoofed"] and "skipped" in rows["again"]
+    assert "acme.bitrix24.test" in rows["acme"]
+    # a portal with none of its declared handlers bound is not shown as simply "clean"
+    assert "clean: all 3 declared missing" in rows["bare"]
+    assert "clean, 1 missing" in rows["partial"]
+    removed = out.split("rows removed from the portals")[1].split("metrics as CloudWatch")[0]
+    acme = [line.split() for line in removed.splitlines() if line.startswith("acme ")]
+    assert sorted(r[3] for r in acme if r[2].startswith("https://")) == ["0", "1", "2"]
+    assert ["acme", "ONCRMLEADUPDATE", "(offline)", "-"] in acme
+    assert not [line for line in removed.splitlines() if line.startswith(("tidy ", "bare ", "spoofed "))]
     assert "found in them: 0" in out
+    assert '{"_aws"' not in out and "--verbose shows one" in out
+    code, out, _ = run("demo", "--verbose")
+    assert code == 0 and '{"_aws"' in out
     code, out, _ = run("demo", "--json")
     assert code == 0 and json.loads(out)["ok"] is True
 
@@ -227,3 +246,56 @@ def test_emulator_command_serves_and_prints_no_secret() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_missing_app_credentials_are_one_line_before_the_first_portal(box: Sandbox) -> None:
+    for i in range(5):
+        box.add_portal(f"p{i}.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": APP_URL}])
+    box.store.client.delete_parameter(Name=f"{box.prefix}/app/credentials")
+    box.emulator.clear_log()
+    code, out, err = run("sweep")
+    assert code == 2 and out == ""
+    name = f"{box.prefix}/app/credentials"
+    assert err == f"b24-cleanup: app credentials are missing: put {{client_id, client_secret}} at {name}"
+    assert box.emulator.requests_log() == []  # no portal was tried
+
+
+def test_a_wrong_prefix_asks_whether_the_prefix_is_right(box: Sandbox) -> None:
+    box.add_portal("x.bitrix24.test")
+    code, _, err = run("sweep", "--prefix", "/b24-cleanup/typo")
+    assert code == 2
+    assert "no declared handler set at /b24-cleanup/typo/app/handlers (is the prefix right?)" in err
+
+
+@pytest.mark.parametrize("prefix", ["b24-cleanup/prod", "/", " "])
+def test_a_prefix_without_a_leading_slash_blames_the_option(box: Sandbox, prefix: str) -> None:
+    code, _, err = run("sweep", "--prefix", prefix)
+    assert code == 2
+    assert err.startswith("b24-cleanup: --prefix must be an absolute SSM path") and "B24_SSM_PREFIX" not in err
+
+
+def test_register_refusal_says_when_oauth_url_is_needed(box: Sandbox, tmp_path: Path) -> None:
+    portal = box.emulator.add_portal("reg.bitrix24.test")
+    path = tmp_path / "install.txt"
+    path.write_text(urlencode(payloads.install_form(box.emulator.state, box.emulator.install(portal, box.app))))
+    code, _, err = run("register", str(path))  # the emulator's OAuth server is not Bitrix24's
+    assert code == 2
+    assert "no trusted OAuth server" in err and "pass --oauth-url or set B24_OAUTH_URL" in err
+    code, out, err = run("register", str(path), "--oauth-url", box.emulator.oauth_url)  # nothing was spent
+    assert code == 0, err
+    assert "registered (new record)" in out
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    from b24_cleanup.ops.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(commands) >= {"demo", "plan", "sweep", "emulator", "register"}
+    undocumented = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in commands.items()
+        for action in sub._actions
+        if not action.help
+    ]
+    assert undocumented == []

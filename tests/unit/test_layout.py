@@ -65,3 +65,17 @@ def test_ops_is_the_only_operator_code() -> None:
     assert not top & {"cli", "demo", "sandbox", "functionurl"}
     assert not (PACKAGE / "emulator").exists()
     assert (PACKAGE / "ops" / "emulator").is_dir()
+
+
+def test_operator_only_libraries_are_imported_only_by_ops() -> None:
+    """rich (progress) and moto (demo, local world) are not in the Lambda artifact's requirements."""
+    operator_only = {"rich", "moto"}
+    offenders = {
+        _module_name(path): sorted(n for n in _imported(path) if n.split(".")[0] in operator_only)
+        for path in PACKAGE.rglob("*.py")
+        if "ops" not in path.relative_to(PACKAGE).parts
+    }
+    offenders = {module: names for module, names in offenders.items() if names}
+    assert offenders == {}, f"Lambda code imports operator-only libraries: {offenders}"
+    requirements = (PACKAGE.parent / "requirements.txt").read_text().lower()
+    assert not any(line.split("=")[0].strip() in operator_only for line in requirements.splitlines())

@@ -2,8 +2,10 @@
 
 `plan` and `sweep` run the worker's engine in-process against the configured SSM store (standard
 AWS credentials and region); `demo` and `emulator` need nothing but this machine. Output is a
-table, or JSON with `--json`; the exit status is non-zero when a portal ended `failed` or
-`incomplete`. Usual mistakes get one line on stderr, never a traceback, and never a token.
+table, or JSON with `--json`; the exit status is 1 when a portal ended `failed` or `incomplete`
+and 2 for a usage or configuration mistake. Usual mistakes get one line on stderr, never a
+traceback, and never a token. Mistakes that would fail every portal alike (AWS setup, an
+unreachable SSM, the app's parameters) are checked once before the first portal (ops/checks.py).
 """
 
 from __future__ import annotations
@@ -12,17 +14,20 @@ import argparse
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import B24Error, ConfigError, InvalidDeclaredSetError, JobFailedError, TransientError
+from ..errors import B24Error, ConfigError, JobFailedError, TransientError
 from ..jobs import Action, Job, JobResult, Outcome
 from ..record import valid_member_id
 from .output import RESULT_HEADER, Progress, result_row, table, totals
 
 EXIT_OK, EXIT_PORTAL_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `sweep --json | head` would get from a C tool
+MAX_WORKERS = 64  # each worker holds a connection per portal and shares SSM's ~40 reads/s
 BAD_OUTCOMES = frozenset({Outcome.FAILED, Outcome.INCOMPLETE})
 
 
@@ -37,8 +42,11 @@ def _settings(args: argparse.Namespace) -> Any:
     from ..config import Settings
 
     env = dict(os.environ)
-    if args.prefix:
-        env["B24_SSM_PREFIX"] = args.prefix
+    if args.prefix is not None:
+        prefix = args.prefix.strip()
+        if not prefix.startswith("/") or len(prefix.rstrip("/")) < 2:
+            raise CliError(f"--prefix must be an absolute SSM path such as /b24-cleanup/prod, not {args.prefix!r}")
+        env["B24_SSM_PREFIX"] = prefix
     if getattr(args, "oauth_url", None):
         env["B24_OAUTH_URL"] = args.oauth_url
     if getattr(args, "dry_run", False):
@@ -48,10 +56,20 @@ def _settings(args: argparse.Namespace) -> Any:
     return Settings.from_env(env)
 
 
+def _preflight(settings: Any, *, declared: bool = True) -> None:
+    """Once, before the first portal: AWS setup, SSM reachable, the app's parameters present."""
+    from .checks import check_app_parameters, check_aws_setup
+
+    check_aws_setup()
+    check_app_parameters(settings.ssm_prefix, declared=declared)
+
+
 def _engine(args: argparse.Namespace) -> Any:
     from ..engine import Engine
 
-    return Engine.from_settings(_settings(args))
+    settings = _settings(args)
+    _preflight(settings)
+    return Engine.from_settings(settings)
 
 
 def _member_ids(engine: Any, member_id: str | None) -> list[str]:
@@ -59,24 +77,15 @@ def _member_ids(engine: Any, member_id: str | None) -> list[str]:
         if not valid_member_id(member_id):
             raise CliError(f"malformed member id {member_id!r}")
         if engine.store.get(member_id) is None:
-            raise CliError(f"unknown member id {member_id}: no record at {engine.store.portal_name(member_id)}")
+            raise CliError(
+                f"unknown member id {member_id}: no record at {engine.store.portal_name(member_id)} "
+                "(is the prefix right?)"
+            )
         return [member_id]
     ids = list(engine.store.iter_member_ids())
     if not ids:
         raise CliError(f"no portals stored under {engine.store.portals_path} (is the prefix right?)")
     return ids
-
-
-def _check_declared(engine: Any) -> None:
-    from ..planner import DeclaredSet
-
-    try:
-        DeclaredSet.parse(engine.store.declared_set_text())
-    except InvalidDeclaredSetError as exc:
-        raise CliError(
-            f"the declared handler set at {engine.store.prefix}/app/handlers is invalid ({exc}): "
-            "a sweep would unbind nothing on any portal; store a valid set first"
-        ) from None
 
 
 def run_jobs(
@@ -85,13 +94,16 @@ def run_jobs(
     """Run jobs concurrently (different portals), in the order given for the report."""
 
     def one(job: Job) -> JobResult:
+        result: JobResult | None = None
         try:
-            return engine.run(job)
+            result = engine.run(job)
+            return result
         except JobFailedError as failed:
-            return failed.result
+            result = failed.result
+            return result
         finally:
             if progress:
-                progress.step()
+                progress.advance(result.outcome.value if result else None)
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
         return list(pool.map(one, jobs))
@@ -99,10 +111,10 @@ def run_jobs(
 
 def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
     engine = _engine(args)
-    _check_declared(engine)
     ids = _member_ids(engine, args.member_id)
-    progress = Progress(len(ids), enabled=None if len(ids) > 1 and not args.json else False)
-    results = run_jobs(engine, [Job(Action.SWEEP, m) for m in ids], workers=args.workers, progress=progress)
+    # Progress goes to stderr, so it is shown with --json too (stdout stays the document).
+    with Progress(len(ids), label="sweep", mode="auto" if len(ids) > 1 else "off") as progress:
+        results = run_jobs(engine, [Job(Action.SWEEP, m) for m in ids], workers=args.workers, progress=progress)
     summary = totals(results)
     if args.json:
         json.dump(
@@ -127,7 +139,6 @@ def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     engine = _engine(args)
     engine.dry_run = True  # plan is read-only, apart from persisting a refresh it had to make
-    _check_declared(engine)
     (member_id,) = _member_ids(engine, args.member_id)
     try:
         result = engine.run(Job(Action.SWEEP, member_id))
@@ -175,6 +186,7 @@ def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
     from ..registration import register
 
     settings = _settings(args)
+    _preflight(settings, declared=False)  # registering needs the app's credentials, not the declared set
     raw = sys.stdin.buffer.read() if args.payload == "-" else _read_file(args.payload)
     stripped = raw.lstrip()
     content_type = "application/json" if stripped.startswith((b"{", b"[")) else "application/x-www-form-urlencoded"
@@ -184,7 +196,13 @@ def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
     except (PayloadError, RegistrationInvalidError) as exc:
         raise CliError(f"not a registration body: {exc}") from None
     except RegistrationRejectedError as exc:
-        raise CliError(f"registration rejected, nothing stored: {exc}") from None
+        hint = ""
+        if "no trusted OAuth server" in str(exc) and not settings.oauth_url:
+            hint = (
+                " (only https://oauth.bitrix.info and https://oauth.bitrix24.tech are trusted by default: "
+                "for another OAuth server, such as the emulator's, pass --oauth-url or set B24_OAUTH_URL)"
+            )
+        raise CliError(f"registration rejected, nothing stored: {exc}{hint}") from None
     if args.json:
         json.dump(
             {"member_id": registration.member_id, "event": registration.event, "created": registration.created}, out
@@ -204,56 +222,133 @@ def _read_file(path: str) -> bytes:
 
 
 def cmd_emulator(args: argparse.Namespace, out: TextIO) -> int:
-    from .emulator import serve_forever
+    from .world import WorldError, serve_world, start_world
 
-    serve_forever(args.port, out=lambda line: print(line, file=out, flush=True))
+    if args.prefix is not None and not args.prefix.startswith("/"):
+        raise CliError(f"--prefix must be an absolute SSM path such as /b24-cleanup/local, not {args.prefix!r}")
+    try:
+        world = start_world(
+            args.portals,
+            port=args.port,
+            aws=args.aws,
+            aws_port=args.aws_port,
+            prefix=(args.prefix or "/b24-cleanup/local").rstrip("/"),
+        )
+    except WorldError as exc:
+        raise CliError(str(exc)) from None
+    serve_world(world, out=lambda line: print(line, file=out, flush=True), stop=_STOP)
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    from .demo import run_demo
+_STOP: threading.Event | None = None  # tests and embedders may set it to stop `emulator`
 
-    return run_demo(out=out, as_json=args.json)
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        import moto  # noqa: F401 - the demo's AWS side; only a dependency of the `demo` extra
+    except ImportError:
+        raise CliError("the demo needs moto: pip install 'b24-cleanup[demo]'") from None
+    from .demo import DemoUnavailable, run_demo
+
+    try:
+        return run_demo(out=out, as_json=args.json, verbose=args.verbose)
+    except DemoUnavailable as exc:
+        raise CliError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------ parser
 
 
+def _version() -> str:
+    from .. import __version__  # the one place the version is set (pyproject reads it too)
+
+    return __version__
+
+
+def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, not {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, not {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="b24-cleanup", description="Clean up Bitrix24 event handlers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="b24-cleanup",
+        description="Clean up Bitrix24 event handlers: the operator's side of the service.",
+        epilog="Exit status: 0 done, 1 a portal ended failed or incomplete, 2 a usage or configuration mistake.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, *, prefix: bool = True) -> None:
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         if prefix:
-            p.add_argument("--prefix", help="SSM prefix (default: $B24_SSM_PREFIX)")
-            p.add_argument("--oauth-url", help="OAuth token URL override (default: $B24_OAUTH_URL)")
+            p.add_argument(
+                "--prefix", help="SSM prefix of the stack, e.g. /b24-cleanup/prod (default: $B24_SSM_PREFIX)"
+            )
+            p.add_argument(
+                "--oauth-url",
+                help="OAuth token URL to refresh at (default: $B24_OAUTH_URL, else derived from each record's "
+                "server_endpoint; needed for an OAuth server other than Bitrix24's, e.g. the emulator's)",
+            )
 
-    p = sub.add_parser("demo", help="run the whole service on the embedded emulator and moto")
+    p = sub.add_parser("demo", help="run the whole service on the embedded emulator and moto (no AWS, no network)")
     common(p, prefix=False)
+    p.add_argument("--verbose", action="store_true", help="also print one raw EMF blob as CloudWatch receives it")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plan", help="show one portal's handlers as declared / orphan / missing")
-    p.add_argument("--member-id", required=True)
+    p = sub.add_parser("plan", help="show one portal's handlers as declared / orphan / missing (read-only)")
+    p.add_argument("--member-id", required=True, help="the portal's member_id (32 hex digits on real portals)")
     common(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sweep", help="run the sweep for one portal or all, in-process")
-    p.add_argument("--member-id")
+    p.add_argument("--member-id", help="sweep only this portal (default: every stored portal)")
     p.add_argument("--dry-run", action="store_true", help="plan and report only: unbind and delete nothing")
-    p.add_argument("--workers", type=int, default=8, help="portals worked on at once (default 8)")
+    p.add_argument(
+        "--workers",
+        type=_int_in(1, MAX_WORKERS, "--workers"),
+        default=8,
+        help=f"portals worked on at once, 1-{MAX_WORKERS} (default 8)",
+    )
     common(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("emulator", help="run the Bitrix24 emulator alone on loopback")
-    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
+    p = sub.add_parser("emulator", help="run the Bitrix24 emulator (and, with --aws, SSM and SQS) as a local world")
+    p.add_argument(
+        "--port", type=_int_in(0, 65535, "--port"), default=0, help="emulator port on 127.0.0.1 (default: any free)"
+    )
+    p.add_argument(
+        "--portals", type=_int_in(0, 10_000, "--portals"), default=3, help="portals to seed, 0-10000 (default 3)"
+    )
+    p.add_argument("--aws", action="store_true", help="also start an AWS side (moto server) seeded with the records")
+    p.add_argument(
+        "--aws-port", type=_int_in(0, 65535, "--aws-port"), default=0, help="moto server port (default: any free)"
+    )
+    p.add_argument("--prefix", help="SSM prefix of the seeded records with --aws (default /b24-cleanup/local)")
     p.set_defaults(func=cmd_emulator)
 
     p = sub.add_parser("register", help="register an install from a saved ONAPPINSTALL/ONAPPUPDATE body")
-    p.add_argument("payload", help="a file with the form or JSON body, or - for stdin")
+    p.add_argument("payload", help="a file with the raw POST body (form-encoded or JSON) Bitrix24 sent, or - for stdin")
     common(p)
     p.set_defaults(func=cmd_register)
     return parser
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (`… | head`): stop writing, and let the interpreter's final flush hit /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests): nothing to flush
+        pass
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Callable[[str], None] | None = None) -> int:
@@ -261,7 +356,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Call
     say = err or (lambda line: print(line, file=sys.stderr))
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args, out))
+        code = int(args.func(args, out))
+        out.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         say("b24-cleanup: interrupted")
         return 130

@@ -5,18 +5,26 @@ handlers run in-process: portals POST their install and uninstall events over HT
 endpoint (through a loopback Function URL), the worker drains the FIFO queue as the SQS event
 source would, and the nightly scheduler queues every stored portal for a sweep. Every portal is
 set up to end one particular way; the demo exits 0 only if each one did.
+
+The demo is hermetic: it sets every variable it depends on and clears the rest of the AWS,
+Powertools and proxy settings of the caller's shell (an exported `B24_DRY_RUN`, `AWS_PROFILE` or
+`AWS_ENDPOINT_URL` must not change what it shows), and it checks that its own emulator can be
+reached before the first portal, so that a machine without a working loopback says so at once.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import boto3
 
@@ -32,6 +40,66 @@ DECLARED = [
     {"event": "ONCRMDEALADD", "event_type": "offline"},
 ]
 OLD = "https://app-v1.example.com/b24/events"  # a deployment retired long ago
+
+# What the demo clears from the caller's environment (and then sets what it needs itself): the
+# AWS SDK's and Powertools' settings, the service's own, and proxies (requests would send the
+# emulator's loopback traffic through them).
+_CLEARED_PREFIXES = ("AWS_", "B24_", "POWERTOOLS_")
+_CLEARED = {
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "LOG_LEVEL",
+}
+
+
+class DemoUnavailable(Exception):
+    """The demo cannot run on this machine (its own emulator unreachable): one line, exit 2."""
+
+
+def hermetic_environ(environ: dict[str, str] | None = None) -> dict[str, str | None]:
+    """The environment changes that make the demo independent of the caller's shell.
+
+    Every AWS_*, B24_*, POWERTOOLS_* and proxy variable is cleared; the AWS config and credential
+    files point at nothing (a profile's region, endpoint or credential process must not apply);
+    the instance metadata service is never asked. What the demo needs it sets on top (sandbox()).
+    """
+    environ = dict(os.environ) if environ is None else environ
+    changes: dict[str, str | None] = {
+        key: None for key in environ if key.startswith(_CLEARED_PREFIXES) or key.upper() in _CLEARED
+    }
+    changes.update(
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
+        NO_PROXY="*",
+        no_proxy="*",
+        POWERTOOLS_METRICS_NAMESPACE="B24Cleanup",
+        POWERTOOLS_SERVICE_NAME="b24-cleanup",
+        POWERTOOLS_TRACE_DISABLED="true",
+    )
+    return changes
+
+
+def check_reachable(url: str, timeout: float = 2.0) -> None:
+    """Connect once to the emulator's address; a refusal or an unreachable network is said at once.
+
+    Without this, a machine whose loopback is down (a network namespace, a sandbox) spends a
+    minute in retries and then reports every portal unexpected, with no hint why.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise DemoUnavailable(
+            f"the demo's own Bitrix24 emulator at {host}:{port} cannot be reached ({exc.strerror or exc}): "
+            "is the loopback interface up?"
+        ) from None
 
 
 def _declared_rows(skip: int | None = None) -> list[dict[str, Any]]:
@@ -52,10 +120,28 @@ class Case:
     expect_uninstall: str | None = None  # outcome of the uninstall job
     expect_sweep: str | None = None  # outcome of the nightly sweep ("-" = not swept: no record)
     member_id: str = ""
+    domain: str = ""
     endpoint: list[int] = field(default_factory=list)
     uninstall: str | None = None
     sweep: str | None = None
     detail: str = ""
+    declared: int = 0  # declared handlers the sweep found bound (kept) ...
+    missing: int = 0  # ... and declared ones it found missing
+    removed: list[dict[str, Any]] = field(default_factory=list)  # rows gone from the portal after the night
+    # Held orphans (not unbound yet, and why): filled from the job's summary once the engine
+    # reports them (its `held` list of {event, handler, reason}); empty until then.
+    held: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def sweep_text(self) -> str:
+        """The sweep's outcome as the operator should read it: `clean` with nothing declared bound is not clean."""
+        if not self.sweep:
+            return "-"
+        if self.missing and not self.declared:
+            return f"{self.sweep}: all {self.missing} declared missing"
+        if self.missing:
+            return f"{self.sweep}, {self.missing} missing"
+        return self.sweep
 
     @property
     def ok(self) -> bool:
@@ -70,21 +156,26 @@ def _post(url: str, pairs: list[tuple[str, str]]) -> int:
     return payloads.post_form(url, pairs)
 
 
-def run_demo(out: TextIO, *, as_json: bool = False) -> int:
-    """Run the scenario; print the table, totals and metrics; 0 when every portal ended as expected."""
+def run_demo(out: TextIO, *, as_json: bool = False, verbose: bool = False) -> int:
+    """Run the scenario; print the table, totals and metrics; 0 when every portal ended as expected.
+
+    Raises DemoUnavailable when the machine cannot run it (the CLI says so in one line).
+    """
     started = time.monotonic()
     logs = io.StringIO()
     emf: list[dict[str, Any]] = []
-    with sandbox(prefix="/b24-cleanup/demo", declared=DECLARED) as box:
-        env = box.env(
-            B24_ACCEPT_INSTALL="true",
-            B24_OAUTH_URL=box.emulator.oauth_url,
-            POWERTOOLS_METRICS_NAMESPACE="B24Cleanup",
-            POWERTOOLS_SERVICE_NAME="b24-cleanup",
-        )
-        with patched_environ(env):
-            cases = _scenario(box, logs, emf)
-        leaked = sum(1 for secret in box.emulator.secrets() if secret and secret in logs.getvalue())
+    saved_session = boto3.DEFAULT_SESSION
+    with patched_environ(hermetic_environ()):
+        boto3.DEFAULT_SESSION = None  # a session made before (under the caller's profile) must not be reused
+        try:
+            with sandbox(prefix="/b24-cleanup/demo", declared=DECLARED) as box:
+                check_reachable(box.emulator.base_url)
+                env = box.env(B24_ACCEPT_INSTALL="true", B24_OAUTH_URL=box.emulator.oauth_url, B24_DRY_RUN="false")
+                with patched_environ(env):
+                    cases = _scenario(box, logs, emf)
+                leaked = sum(1 for secret in box.emulator.secrets() if secret and secret in logs.getvalue())
+        finally:
+            boto3.DEFAULT_SESSION = saved_session
     elapsed = time.monotonic() - started
     metrics = _metric_totals(emf)
     good = all(c.ok for c in cases) and leaked == 0
@@ -104,7 +195,7 @@ def run_demo(out: TextIO, *, as_json: bool = False) -> int:
         )
         out.write("\n")
     else:
-        _print(out, cases, metrics, emf, logs, leaked, elapsed)
+        _print(out, cases, metrics, emf, logs, leaked, elapsed, verbose=verbose)
     return 0 if good else 1
 
 
@@ -132,6 +223,7 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
         Case("acme", "orphans: a retired URL under 3 auth_types, an unused offline queue", expect_sweep="cleaned"),
         Case("tidy", "only declared handlers", expect_sweep="clean"),
         Case("partial", "one declared handler missing (reported, not bound)", expect_sweep="clean"),
+        Case("bare", "none of the declared handlers bound (reported, not bound)", expect_sweep="clean"),
         Case("sleepy", "access token expired: refreshed, stored, then used", expect_sweep="cleaned"),
         Case("moved", "portal renamed: 302 followed, new address stored", expect_sweep="cleaned"),
         Case("lost", "app removed, uninstall event lost: found revoked", expect_sweep="revoked"),
@@ -166,6 +258,7 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
     def seed(name: str, rows: list[dict[str, Any]], **kw: Any) -> SeededPortal:
         seeded[name] = box.add_portal(f"{name}.bitrix24.test", handlers=rows, **kw)
         by[name].member_id = seeded[name].member_id
+        by[name].domain = seeded[name].portal.domain
         return seeded[name]
 
     seed(
@@ -176,6 +269,7 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
     )
     seed("tidy", _declared_rows())
     seed("partial", _declared_rows(skip=1))
+    seed("bare", [])
     seed("sleepy", [*_declared_rows(), {"event": "ONCRMDEALADD", "handler": OLD}], expired=True)
     seed("moved", [*_declared_rows(), {"event": "ONCRMLEADDELETE", "handler": OLD}])
     seeded["moved"].portal.rename("moved-renamed.bitrix24.test")
@@ -207,6 +301,7 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
         box.emulator.install(seeded["again"].portal, box.app, install_url=url.url)  # registered again
         newcomer = box.emulator.add_portal("newcomer.bitrix24.test")
         by["newcomer"].member_id = newcomer.member_id
+        by["newcomer"].domain = newcomer.domain
         joined = box.emulator.install(newcomer, box.app, install_url=url.url)
         by["newcomer"].endpoint.append(joined.status or 0)
         for row in [*_declared_rows(), {"event": "ONCRMLEADADD", "handler": OLD}]:
@@ -228,18 +323,26 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
         results.jobs.clear()
 
         # -- night: the scheduler queues every stored portal, the worker sweeps -------------------
+        portals = {**{n: sp.portal for n, sp in seeded.items()}, "newcomer": newcomer}
+        before = {name: portal.handlers(box.app) for name, portal in portals.items()}
         call(scheduler.lambda_handler, {"scheduled_time": time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime())})
         drain(queue, box.queue_url, lambda e, c: call(worker.lambda_handler, e), FakeContext())
         for job in results.jobs:
             case = by_member.get(job["member_id"])
             if case is not None and job["action"] == "sweep":
                 case.sweep = job["outcome"]
+                case.declared, case.missing = job["kept"], job["missing"]
+                case.held = list(job.get("held") or [])
                 case.detail = (
                     f"found {job['found']}, unbound {job['unbound']}, kept {job['kept']}, "
                     f"missing {job['missing']}, refreshed {job['refreshed']}, REST {job['rest_calls']}"
                 )
                 if job["outcome"] in ("revoked", "incomplete"):
                     case.detail += f"; {job['reason']}"
+        # What was removed is read off the portals themselves, not taken from the engine's word.
+        for name, portal in portals.items():
+            after = portal.handlers(box.app)
+            by[name].removed = [row for row in before[name] if row not in after]
     return cases
 
 
@@ -256,6 +359,13 @@ def _metric_totals(blobs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return {action: dict(sorted(values.items())) for action, values in sorted(totals.items())}
 
 
+def _handler_text(row: dict[str, Any]) -> str:
+    if row.get("handler"):
+        return str(row["handler"])
+    connector = row.get("connector_id")
+    return f"(offline, connector {connector})" if connector else "(offline)"
+
+
 def _print(
     out: TextIO,
     cases: list[Case],
@@ -264,33 +374,48 @@ def _print(
     logs: io.StringIO,
     leaked: int,
     elapsed: float,
+    *,
+    verbose: bool = False,
 ) -> None:
-    out.write("b24-cleanup demo: 12 emulated portals, SSM and SQS in moto, the real Lambda handlers\n\n")
-    rows = []
-    for c in cases:
-        rows.append(
-            (
-                c.name,
-                c.member_id[:8],
-                ",".join(map(str, c.endpoint)) or "-",
-                c.uninstall or "-",
-                c.sweep or "-",
-                "ok" if c.ok else "UNEXPECTED",
-                c.story,
-            )
+    out.write(f"b24-cleanup demo: {len(cases)} emulated portals, SSM and SQS in moto, the real Lambda handlers\n\n")
+    rows = [
+        (
+            c.name,
+            c.domain,
+            c.member_id[:8],
+            ",".join(map(str, c.endpoint)) or "-",
+            c.uninstall or "-",
+            c.sweep_text,
+            "ok" if c.ok else "UNEXPECTED",
+            c.story,
         )
-    out.write(
-        table(rows, ("portal", "member", "endpoint", "uninstall job", "nightly sweep", "as expected", "scenario"))
-        + "\n\n"
-    )
+        for c in cases
+    ]
+    header = ["portal", "domain", "member", "endpoint HTTP", "uninstall job", "nightly sweep", "as expected"]
+    header.append("scenario")
+    out.write(table(rows, header) + "\n")
+    out.write("(endpoint HTTP: the status the uninstall endpoint answered the portal's POST; - = no event posted)\n\n")
     out.write("sweep detail:\n")
     out.write(table([(c.name, c.detail) for c in cases if c.detail], ("portal", "what the sweep did")) + "\n\n")
+    removed = [
+        (c.name, row["event"], _handler_text(row), row.get("auth_type", "-") if row.get("handler") else "-")
+        for c in cases
+        for row in c.removed
+    ]
+    out.write("rows removed from the portals (as the portals list them afterwards):\n")
+    out.write(table(removed, ("portal", "event", "handler", "auth_type")) + "\n\n")
+    held = [(c.name, h.get("event", ""), _handler_text(h), h.get("reason", "")) for c in cases for h in c.held]
+    if held:
+        out.write("orphans held (not unbound yet):\n")
+        out.write(table(held, ("portal", "event", "handler", "why held")) + "\n\n")
     out.write("metrics as CloudWatch receives them (namespace B24Cleanup, dimension action):\n")
     mrows = [(action, name, int(value)) for action, values in metrics.items() for name, value in values.items()]
     out.write(table(mrows, ("action", "metric", "sum")) + "\n")
-    if emf:
+    if emf and verbose:
         sample = next((b for b in emf if b.get("action") == "sweep"), emf[0])
         out.write(f"\n{len(emf)} EMF blobs; one of them, as printed to stdout:\n{json.dumps(sample)}\n")
+    elif emf:
+        out.write(f"({len(emf)} EMF blobs printed by the handlers; --verbose shows one as CloudWatch gets it)\n")
     lines = len(logs.getvalue().splitlines())
     out.write(f"\nlog lines: {lines}; tokens, secrets or application tokens found in them: {leaked}\n")
     ok = sum(c.ok for c in cases)
