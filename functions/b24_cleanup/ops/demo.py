@@ -258,7 +258,7 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
     def seed(name: str, rows: list[dict[str, Any]], **kw: Any) -> SeededPortal:
         seeded[name] = box.add_portal(f"{name}.bitrix24.test", handlers=rows, **kw)
         by[name].member_id = seeded[name].member_id
-        by[name].domain = seeded[name].portal.domain
+        by[name].domain = seeded[name].portal.name  # the emulator serves it on a loopback host of its own
         return seeded[name]
 
     seed(
@@ -301,7 +301,7 @@ def _scenario(box: Sandbox, logs: io.StringIO, emf: list[dict[str, Any]]) -> lis
         box.emulator.install(seeded["again"].portal, box.app, install_url=url.url)  # registered again
         newcomer = box.emulator.add_portal("newcomer.bitrix24.test")
         by["newcomer"].member_id = newcomer.member_id
-        by["newcomer"].domain = newcomer.domain
+        by["newcomer"].domain = newcomer.name
         joined = box.emulator.install(newcomer, box.app, install_url=url.url)
         by["newcomer"].endpoint.append(joined.status or 0)
         for row in [*_declared_rows(), {"event": "ONCRMLEADADD", "handler": OLD}]:

@@ -190,7 +190,7 @@ def describe(world: World, out: Callable[[str], object], *, shown: int = 5) -> N
     out(f"  {len(world.installations)} portals; kinds in turn: {', '.join(KINDS)}")
     for inst in world.installations[:shown]:
         portal = inst.portal
-        out(f"    {portal.domain}  member_id={portal.member_id}  ({world.kinds[portal.member_id]})")
+        out(f"    {portal.name} on {portal.host}  member_id={portal.member_id}  ({world.kinds[portal.member_id]})")
     if len(world.installations) > shown:
         out(f"    … and {len(world.installations) - shown} more")
     out(f"  not registered yet: newcomer.bitrix24.test, its ONAPPINSTALL body in {world.newcomer_body}")
