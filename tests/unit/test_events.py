@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from b24_cleanup.payload import parse_event_body
-from b24_cleanup.registration import check_registration
+from b24_cleanup.payload import InstallPost, parse_event_body
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 
@@ -23,5 +22,6 @@ def test_install_and_update_bodies_are_registration_bodies(name: str, event: str
     body = base64.b64decode(sample["body"])
     assert int(sample["headers"]["content-length"]) == len(body)
     payload = parse_event_body(body, sample["headers"]["content-type"])
-    assert check_registration(payload)[0] == event
-    assert payload["auth"]["member_id"] == "a223c6b3710f85df22e9377d6c4f7553"
+    post = InstallPost.from_payload(payload)
+    assert post.event == event
+    assert post.member_id == "a223c6b3710f85df22e9377d6c4f7553"
