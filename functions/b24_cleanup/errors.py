@@ -41,7 +41,11 @@ REVOKED_CODES = frozenset(
     {"APPLICATION_NOT_FOUND", "INVALID_TOKEN", "ERROR_OAUTH", "PAYMENT_REQUIRED", "PORTAL_DELETED"}
 )
 # What the OAuth server answers for a refresh token that no longer works (reference §7).
-OAUTH_GONE_CODES = frozenset({"INVALID_GRANT", "NOT_INSTALLED", "INVALID_CLIENT", "PAYMENT_REQUIRED", "WRONG_CLIENT"})
+OAUTH_GONE_CODES = frozenset({"INVALID_GRANT", "NOT_INSTALLED", "INVALID_CLIENT", "PAYMENT_REQUIRED"})
+# The OAuth server does not know the app's client_id (HTTP 200, reference §15): a fault of our own
+# configuration, never evidence about one portal. Read as "gone", one wrong client_id would mark every
+# portal of the fleet revoked and delete every record once the grace ran out.
+WRONG_CLIENT_CODE = "WRONG_CLIENT"
 TRANSIENT_CODES = frozenset(
     {
         "INTERNAL_SERVER_ERROR",

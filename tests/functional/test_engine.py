@@ -327,6 +327,26 @@ def test_expired_token_is_refreshed_and_persisted_before_use(box: Sandbox) -> No
         OAuthClient(box.store.app_credentials()).refresh(box.emulator.oauth_url, old.refresh_token)
 
 
+def test_a_wrong_client_id_fails_the_jobs_and_never_marks_a_portal_revoked(box: Sandbox) -> None:
+    """wrong_client (HTTP 200) is our configuration, not the portal's word: retry, never "gone"."""
+    seeded = box.add_portal("cfg.bitrix24.test", handlers=_orphans(1), expired=True)
+    before = box.record(seeded.member_id)
+    box.store.client.put_parameter(
+        Name=f"{box.store.prefix}/app/credentials",
+        Value='{"client_id": "local.unknown.00000000", "client_secret": "whatever"}',
+        Type="SecureString",
+        Overwrite=True,
+    )
+
+    with pytest.raises(JobFailedError) as failed:
+        make_engine(box).run(sweep_job(seeded))
+
+    assert failed.value.result.outcome is Outcome.FAILED and "wrong_client" in failed.value.result.reason
+    after = box.record(seeded.member_id)
+    assert after.data == before.data  # no revoked_at, the pair untouched (the server spent nothing)
+    assert rest_calls(box, seeded.member_id) == 0
+
+
 def test_no_auth_found_on_a_fresh_looking_token_refreshes_once(box: Sandbox) -> None:
     seeded = box.add_portal("noauth.bitrix24.test", handlers=_orphans(1))
     seeded.portal.fail_next(1, "NO_AUTH_FOUND", 401, methods={"event.get"})
