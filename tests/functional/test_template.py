@@ -48,6 +48,11 @@ SPEC_ENV = {
     "B24_DRY_RUN",
     "B24_REVOKED_GRACE_DAYS",
     "B24_ACCEPT_INSTALL",
+    "B24_SSM_WRITE_RATE",
+    "B24_WORKER_CONCURRENCY",
+    "B24_SWEEP_EVERY_NIGHTS",
+    "B24_STORE",
+    "B24_TABLE",
     "POWERTOOLS_SERVICE_NAME",
     "POWERTOOLS_METRICS_NAMESPACE",
     # Not in SPEC §4 (which allows additions): the customer-managed key for new portal records.
@@ -83,6 +88,7 @@ ALLOWED_TYPES = {
     "AWS::SNS::Topic",
     "AWS::CloudWatch::Alarm",
     "AWS::CloudWatch::Dashboard",
+    "AWS::DynamoDB::Table",
 }
 
 PARAM_ARN = "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:parameter${SsmPrefix}"
@@ -102,7 +108,11 @@ SCENARIOS = {
     "alarm_email": {"AlarmEmail": "ops@example.com"},
     "alarm_topic": {"AlarmTopicArn": "arn:aws:sns:us-east-1:123456789012:ops"},
     "oauth_url": {"OAuthUrl": "https://oauth.bitrix.info/oauth/token/"},
+    "dynamodb": {"TokenStore": "dynamodb"},
+    "dynamodb_accept_install": {"TokenStore": "dynamodb", "AcceptInstall": "true"},
+    "dynamodb_accept_install_kms": {"TokenStore": "dynamodb", "AcceptInstall": "true", "SsmKmsKeyArn": KEY_ARN},
 }
+PORTAL_TABLE = "GetAtt:PortalTable.Arn"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +319,8 @@ def _expected_grants(scenario: str) -> dict[str, set[tuple[str, str]]]:
     params = SCENARIOS[scenario]
     accept = params.get("AcceptInstall") == "true"
     kms = bool(params.get("SsmKmsKeyArn"))
+    if params.get("TokenStore") == "dynamodb":
+        return _expected_dynamodb_grants(accept, kms)
     endpoint = _logs("EndpointLogGroup") | {("ssm:GetParameter", PORTALS), ("sqs:SendMessage", WORK_QUEUE)}
     if accept:
         endpoint |= {
@@ -341,6 +353,41 @@ def _expected_grants(scenario: str) -> dict[str, set[tuple[str, str]]]:
     return {"EndpointRole": endpoint, "SchedulerRole": scheduler, "WorkerRole": worker}
 
 
+def _expected_dynamodb_grants(accept: bool, kms: bool) -> dict[str, set[tuple[str, str]]]:
+    """TokenStore=dynamodb: the table for records, SSM only for the app's parameters (SPEC §3a)."""
+    endpoint = _logs("EndpointLogGroup") | {("dynamodb:GetItem", PORTAL_TABLE), ("sqs:SendMessage", WORK_QUEUE)}
+    if accept:
+        endpoint |= {("dynamodb:PutItem", PORTAL_TABLE), ("ssm:GetParameter", CREDENTIALS)}
+    scheduler = _logs("SchedulerLogGroup") | {
+        ("ssm:GetParameter", HANDLERS),
+        ("dynamodb:Scan", PORTAL_TABLE),
+        ("sqs:SendMessage", WORK_QUEUE),
+    }
+    worker = _logs("WorkerLogGroup") | {
+        ("sqs:ReceiveMessage", WORK_QUEUE),
+        ("sqs:DeleteMessage", WORK_QUEUE),
+        ("sqs:GetQueueAttributes", WORK_QUEUE),
+        ("dynamodb:GetItem", PORTAL_TABLE),
+        ("dynamodb:PutItem", PORTAL_TABLE),
+        ("dynamodb:DeleteItem", PORTAL_TABLE),
+        ("ssm:GetParameter", CREDENTIALS),
+        ("ssm:GetParameter", HANDLERS),
+    }
+    if kms:
+        # The app's SecureStrings through SSM, the table through DynamoDB.
+        endpoint |= {("kms:Decrypt", KMS_KEY), ("kms:DescribeKey", KMS_KEY)}
+        scheduler |= {("kms:Decrypt", KMS_KEY), ("kms:DescribeKey", KMS_KEY)}
+        worker |= {
+            ("kms:Decrypt", KMS_KEY),
+            ("kms:Encrypt", KMS_KEY),
+            ("kms:GenerateDataKey", KMS_KEY),
+            ("kms:DescribeKey", KMS_KEY),
+        }
+        if accept:
+            endpoint |= {("kms:Encrypt", KMS_KEY), ("kms:GenerateDataKey", KMS_KEY)}
+    return {"EndpointRole": endpoint, "SchedulerRole": scheduler, "WorkerRole": worker}
+
+
 def test_every_function_uses_its_own_explicit_role(template: dict[str, Any]) -> None:
     # SAM's generated roles would attach AWSLambdaBasicExecutionRole / AWSLambdaSQSQueueExecutionRole,
     # whose statements use Resource "*".
@@ -357,7 +404,10 @@ def test_every_function_uses_its_own_explicit_role(template: dict[str, Any]) -> 
             assert trust["Principal"] == {"Service": "lambda.amazonaws.com"}, name
 
 
-@pytest.mark.parametrize("scenario", ["defaults", "accept_install", "kms", "accept_install_kms"])
+@pytest.mark.parametrize(
+    "scenario",
+    ["defaults", "accept_install", "kms", "accept_install_kms", "dynamodb", "dynamodb_accept_install_kms"],
+)
 def test_roles_grant_exactly_what_each_function_needs(template: dict[str, Any], scenario: str) -> None:
     resources = effective(template, scenario)["Resources"]
     expected = _expected_grants(scenario)
@@ -394,10 +444,15 @@ def _check_statement(stmt: dict[str, Any], where: str) -> None:
                 assert key in {PORTALS, CREDENTIALS, HANDLERS}, f"{where}: unexpected SSM resource {key}"
         if service == "sqs":
             assert keys == [WORK_QUEUE], f"{where}: SQS beyond the work queue: {keys}"
+        if service == "dynamodb":
+            assert keys == [PORTAL_TABLE], f"{where}: DynamoDB beyond the portal table: {keys}"
         if service == "kms":
             assert keys == [KMS_KEY], where
             condition = stmt["Condition"]
-            assert condition["StringEquals"]["kms:ViaService"] == {"Fn::Sub": "ssm.${AWS::Region}.amazonaws.com"}
+            via = condition["StringEquals"]["kms:ViaService"]
+            if via == {"Fn::Sub": "dynamodb.${AWS::Region}.amazonaws.com"}:
+                continue  # the table's key: DynamoDB encrypts whole tables, no per-item context
+            assert via == {"Fn::Sub": "ssm.${AWS::Region}.amazonaws.com"}, where
             scope = _resource_key(condition["StringLike"]["kms:EncryptionContext:PARAMETER_ARN"])
             assert scope.startswith(PARAM_ARN + "/"), where
         if service == "logs":
@@ -405,7 +460,7 @@ def _check_statement(stmt: dict[str, Any], where: str) -> None:
             assert re.fullmatch(r"GetAtt:\w+LogGroup\.Arn", keys[0]), where
 
 
-@pytest.mark.parametrize("scenario", ["defaults", "accept_install_kms"])
+@pytest.mark.parametrize("scenario", ["defaults", "accept_install_kms", "dynamodb_accept_install_kms"])
 def test_no_wildcards_in_iam(template: dict[str, Any], scenario: str) -> None:
     resources = effective(template, scenario)["Resources"]
     for name, res in resources.items():
@@ -415,7 +470,7 @@ def test_no_wildcards_in_iam(template: dict[str, Any], scenario: str) -> None:
 
 
 def test_kms_is_granted_only_with_a_customer_managed_key(template: dict[str, Any]) -> None:
-    for scenario in ("defaults", "accept_install"):
+    for scenario in ("defaults", "accept_install", "dynamodb", "dynamodb_accept_install"):
         resources = effective(template, scenario)["Resources"]
         for role in ROLES.values():
             actions = {action for action, _ in grants(role_statements(resources, role))}
@@ -483,7 +538,7 @@ def test_schedule_passes_its_scheduled_time(template: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", ["defaults", "oauth_url"])
+@pytest.mark.parametrize("scenario", ["defaults", "oauth_url", "dynamodb"])
 def test_every_function_gets_the_spec_environment(template: dict[str, Any], scenario: str) -> None:
     tpl = effective(template, scenario)
     for function in FUNCTIONS:
@@ -504,6 +559,16 @@ def test_every_function_gets_the_spec_environment(template: dict[str, Any], scen
             assert env["B24_ACCEPT_INSTALL"] == {"Ref": "AcceptInstall"}
         else:
             assert "B24_ACCEPT_INSTALL" not in env
+        assert env["B24_STORE"] == {"Ref": "TokenStore"}
+        if scenario == "dynamodb":
+            assert env["B24_TABLE"] == {"Ref": "PortalTable"}
+        else:
+            assert "B24_TABLE" not in env
+        if function == "WorkerFunction":
+            assert env["B24_SSM_WRITE_RATE"] == {"Ref": "SsmWriteRate"}
+            assert env["B24_WORKER_CONCURRENCY"] == {"Ref": "WorkerMaxConcurrency"}
+        if function == "SchedulerFunction":
+            assert env["B24_SWEEP_EVERY_NIGHTS"] == {"Ref": "SweepEveryNights"}
     params = template["Parameters"]
     assert params["MetricsNamespace"]["Default"] == "B24Cleanup"
     assert params["DryRun"]["Default"] == "false"
@@ -976,3 +1041,55 @@ def test_artifact_is_precompiled_for_the_runtime_and_lambda_only(build: dict[str
             assert flags == 0b01, f"{function}: {module}'s .pyc is not unchecked-hash (flags {flags:#b})"
         for name in OPERATOR_ONLY:
             assert not (fn_dir / "b24_cleanup" / name.rstrip("/")).exists(), f"{function} ships {name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Past SSM: the DynamoDB store and the sweep's budget (SPEC §3a, §4)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_table_exists_only_with_token_store_dynamodb(template: dict[str, Any]) -> None:
+    param = template["Parameters"]["TokenStore"]
+    assert param["Default"] == "ssm" and param["AllowedValues"] == ["ssm", "dynamodb"]
+    assert "PortalTable" not in effective(template, "defaults")["Resources"]
+    assert "PortalTable" in effective(template, "dynamodb")["Resources"]
+
+
+@pytest.mark.parametrize("scenario", ["dynamodb", "dynamodb_accept_install_kms"])
+def test_the_table_is_on_demand_recoverable_protected_and_keyed_by_member_id(
+    template: dict[str, Any], scenario: str
+) -> None:
+    table = effective(template, scenario)["Resources"]["PortalTable"]
+    # The only copy of every portal's refresh token: never dropped with the stack.
+    assert table["DeletionPolicy"] == "Retain" and table["UpdateReplacePolicy"] == "Retain"
+    props = table["Properties"]
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+    assert props["KeySchema"] == [{"AttributeName": "member_id", "KeyType": "HASH"}]
+    assert props["AttributeDefinitions"] == [{"AttributeName": "member_id", "AttributeType": "S"}]
+    assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
+    assert props["DeletionProtectionEnabled"] is True
+    assert "TableName" not in props  # two stacks in one account must not collide
+    sse = props["SSESpecification"]
+    if SCENARIOS[scenario].get("SsmKmsKeyArn"):
+        assert sse == {"SSEEnabled": True, "SSEType": "KMS", "KMSMasterKeyId": {"Ref": "SsmKmsKeyArn"}}
+    else:
+        assert sse == {"SSEEnabled": False}  # DynamoDB's default encryption at rest (AWS-owned key)
+
+
+def test_no_ssm_permission_on_portal_records_with_the_table(template: dict[str, Any]) -> None:
+    resources = effective(template, "dynamodb_accept_install_kms")["Resources"]
+    for role in ROLES.values():
+        for action, resource in grants(role_statements(resources, role)):
+            assert resource != PORTALS, f"{role}: {action} on SSM portal records"
+            assert action not in {"ssm:PutParameter", "ssm:DeleteParameter", "ssm:DescribeParameters"}, role
+
+
+def test_write_budget_and_sharding_parameters(template: dict[str, Any]) -> None:
+    params = template["Parameters"]
+    assert params["SsmWriteRate"]["Default"] == 3
+    every = params["SweepEveryNights"]
+    assert (every["Default"], every["MinValue"], every["MaxValue"]) == (1, 1, 30)
+    worker = template["Resources"]["WorkerFunction"]["Properties"]
+    assert worker["Events"]["Jobs"]["Properties"]["ScalingConfig"]["MaximumConcurrency"] == {
+        "Ref": "WorkerMaxConcurrency"
+    }

@@ -383,7 +383,7 @@ def test_two_jobs_for_one_expired_portal_keep_one_chain(
     results: list[JobResult] = []
 
     def job() -> None:
-        engine = Engine(PortalStore(box.prefix), options=RACE)
+        engine = Engine(box.new_store(), options=RACE)
         start.wait()
         results.append(run(engine, sweep(seeded.member_id)))
 
@@ -415,7 +415,7 @@ def _app_refreshes_after_event_get(box: Sandbox, seeded: Any, monkeypatch: pytes
         answer = original(self, method, params)
         if method == "event.get" and not app_tokens:
             seeded.portal.expire_tokens(box.app)
-            access = TokenAccess(PortalStore(box.prefix), settle_seconds=RACE.settle_seconds)
+            access = TokenAccess(box.new_store(), settle_seconds=RACE.settle_seconds)
             held = box.store.get(seeded.member_id).access_token
             app_tokens.append(access.after_expired(seeded.member_id, held).access_token)
         return answer
@@ -435,7 +435,7 @@ def test_the_app_backend_refreshing_while_a_job_unbinds(
     seeded = box.add_portal("shared.bitrix24.test", handlers=DECLARED_ROWS + ORPHAN_ROWS)
     app_tokens = _app_refreshes_after_event_get(box, seeded, monkeypatch)
 
-    result = run(Engine(PortalStore(box.prefix), options=RACE), sweep(seeded.member_id))
+    result = run(Engine(box.new_store(), options=RACE), sweep(seeded.member_id))
 
     assert result.outcome is Outcome.CLEANED, result.reason
     assert rows(box, seeded) == {("ONCRMLEADADD", APP_URL), ("ONCRMDEALADD", "offline:")}
@@ -454,7 +454,7 @@ def test_clearing_revoked_at_keeps_a_pair_the_app_stored_meanwhile(
     seeded = box.add_portal("marked.bitrix24.test", handlers=DECLARED_ROWS, extra={"revoked_at": 1})
     _app_refreshes_after_event_get(box, seeded, monkeypatch)
 
-    result = run(Engine(PortalStore(box.prefix), options=RACE), sweep(seeded.member_id))
+    result = run(Engine(box.new_store(), options=RACE), sweep(seeded.member_id))
 
     assert result.outcome is Outcome.CLEAN
     assert box.record(seeded.member_id).revoked_at is None
@@ -479,7 +479,7 @@ def test_the_revoked_mark_never_overwrites_a_newer_install(box: Sandbox, monkeyp
 
     monkeypatch.setattr(Engine, "_revoked", revoked)
 
-    result = run(Engine(PortalStore(box.prefix), options=PATIENT), sweep(seeded.member_id))
+    result = run(Engine(box.new_store(), options=PATIENT), sweep(seeded.member_id))
 
     assert result.outcome is Outcome.REVOKED
     record = box.record(seeded.member_id)
@@ -503,7 +503,7 @@ def test_a_stale_uninstall_racing_a_reinstall_keeps_the_new_record(box: Sandbox)
         register(body, box.store, oauth_url=box.emulator.oauth_url)  # lands right before the delete
         return original(member_id, application_token)
 
-    store = PortalStore(box.prefix)
+    store = box.new_store()
     store.delete_if_token = delete_if_token  # type: ignore[method-assign]
     job = Job(Action.UNINSTALL, seeded.member_id, application_token=old_token, ts="1")
 

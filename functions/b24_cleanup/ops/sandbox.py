@@ -14,6 +14,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..dynamostore import DynamoPortalStore, create_table
 from ..record import PortalRecord
 from ..store import BOTO_CONFIG, PortalStore
 from .emulator import App, Emulator, Installation, Portal
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 logging.getLogger("responses").setLevel(logging.WARNING)
 
 DEFAULT_PREFIX = "/b24-cleanup/demo"
+DEFAULT_TABLE = "b24-cleanup-portals"
 REGION = "us-east-1"
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -63,9 +65,22 @@ class Sandbox:
     def prefix(self) -> str:
         return self.store.prefix
 
+    @property
+    def table(self) -> str | None:
+        """The DynamoDB table of portal records, when the sandbox stores them there (SPEC §3a)."""
+        return self.store.table if isinstance(self.store, DynamoPortalStore) else None
+
+    def new_store(self) -> PortalStore:
+        """A store of this sandbox's kind with clients of its own, as a fresh Lambda container has."""
+        if self.table:
+            return DynamoPortalStore(self.prefix, self.table)
+        return PortalStore(self.prefix)
+
     def env(self, **overrides: str) -> dict[str, str]:
         """The SPEC §4 environment for the handlers, pointed at this sandbox."""
         env = {"B24_SSM_PREFIX": self.prefix, "B24_QUEUE_URL": self.queue_url}
+        if self.table:
+            env.update({"B24_STORE": "dynamodb", "B24_TABLE": self.table})
         env.update(overrides)
         return env
 
@@ -151,9 +166,13 @@ def sandbox(
     declared: Iterable[Mapping[str, Any]] | str | None = None,
     emulator: Emulator | None = None,
     ssm_quotas: SsmQuotas | None = None,
+    store: str = "ssm",
     **emulator_options: Any,
 ) -> Iterator[Sandbox]:
     """Start moto and the emulator, seed the app's credentials and declared set, yield a Sandbox.
+
+    `store` is where portal records live, as `B24_STORE` says: `ssm` or `dynamodb` (a table
+    `DEFAULT_TABLE` is created; `box.env()` then carries B24_STORE and B24_TABLE).
 
     `ssm_quotas` meters every SSM client created inside the block at real SSM's rates
     (ops/quota.py; `box.quota` reports what was admitted and throttled). Off by default.
@@ -177,13 +196,20 @@ def sandbox(
         emu = emulator or Emulator(**emulator_options)
         with emu:
             app = emu.add_app()
-            store = PortalStore(prefix, client=ssm)
+            if store == "dynamodb":
+                dynamodb = boto3.client("dynamodb", region_name=REGION, config=BOTO_CONFIG)
+                create_table(dynamodb, DEFAULT_TABLE)
+                records: PortalStore = DynamoPortalStore(prefix, DEFAULT_TABLE, dynamodb, ssm=ssm)
+            elif store == "ssm":
+                records = PortalStore(prefix, client=ssm)
+            else:
+                raise ValueError(f"unknown store {store!r}: ssm or dynamodb")
             ssm.put_parameter(
                 Name=f"{prefix}/app/credentials",
                 Value=json.dumps({"client_id": app.client_id, "client_secret": app.client_secret}),
                 Type="SecureString",
             )
-            box = Sandbox(emu, store, app, queue_url, dlq_url)
+            box = Sandbox(emu, records, app, queue_url, dlq_url)
             if declared is not None:
                 box.put_declared(declared)
             if ssm_quotas is None:
