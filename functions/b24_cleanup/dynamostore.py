@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
-from .errors import ConfigError, TransientError
+from .errors import ConfigError, RecordChangedError, TransientError
 from .record import PortalRecord, valid_member_id
 from .store import BOTO_CONFIG, PortalStore
 
@@ -54,13 +54,6 @@ def dynamodb_client() -> DynamoDBClient:
         return boto3.client("dynamodb", config=BOTO_CONFIG, region_name=region)
     except NoRegionError:
         raise ConfigError("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION, or a profile's region") from None
-
-
-class RecordChangedError(TransientError):
-    """A conditional write lost: the item is no longer at the version the caller read."""
-
-    def __init__(self, member_id: str) -> None:
-        super().__init__("RECORD_CHANGED", f"the record of {member_id} changed since it was read")
 
 
 class DynamoPortalStore(PortalStore):

@@ -95,6 +95,13 @@ class RateLimitedError(TransientError):
     """HTTP 503 QUERY_LIMIT_EXCEEDED: the portal's leaky bucket is full."""
 
 
+class RecordChangedError(TransientError):
+    """A conditional write to the DynamoDB store lost (SPEC §3a): the item moved past the version read."""
+
+    def __init__(self, member_id: str) -> None:
+        super().__init__("RECORD_CHANGED", f"the record of {member_id} changed since it was read")
+
+
 class PermanentError(B24Error):
     """A client error that a retry cannot mend (bad argument, access denied, licence)."""
 

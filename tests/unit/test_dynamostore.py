@@ -12,8 +12,8 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from b24_cleanup.dynamostore import MAX_CAS_ATTEMPTS, DynamoPortalStore, RecordChangedError, create_table
-from b24_cleanup.errors import ConfigError, TransientError
+from b24_cleanup.dynamostore import MAX_CAS_ATTEMPTS, DynamoPortalStore, create_table
+from b24_cleanup.errors import ConfigError, RecordChangedError, TransientError
 from b24_cleanup.record import PortalRecord
 from b24_cleanup.store import PortalStore
 
