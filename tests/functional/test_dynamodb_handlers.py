@@ -7,6 +7,7 @@ from typing import Any
 import boto3
 import pytest
 
+from b24_cleanup import runtime
 from b24_cleanup.handlers import scheduler, worker
 from b24_cleanup.ops.sandbox import REGION, drain, sandbox
 
@@ -20,6 +21,7 @@ def test_a_sweep_with_the_table_store_cleans_and_refreshes(
     with sandbox(declared=[{"event": "ONCRMLEADADD", "handler": APP_URL}], store="dynamodb") as box:
         for key, value in box.env().items():
             monkeypatch.setenv(key, value)
+        runtime.reset()  # the process state follows this sandbox's environment
         rows = [{"event": "ONCRMLEADADD", "handler": APP_URL}, {"event": "ONCRMLEADADD", "handler": OLD_URL}]
         fresh = box.add_portal("fresh.bitrix24.test", handlers=rows)
         expired = box.add_portal("expired.bitrix24.test", handlers=rows, expired=True)
@@ -38,3 +40,4 @@ def test_a_sweep_with_the_table_store_cleans_and_refreshes(
         assert box.store.read(expired.member_id)[1] == 2  # type: ignore[attr-defined]
         ssm_records = box.store.client.get_parameters_by_path(Path=f"{box.prefix}/portals", Recursive=True)
         assert ssm_records["Parameters"] == []
+    runtime.reset()

@@ -22,11 +22,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "functional"))  # test_registration's home
 
+from fixtures.sandbox import DECLARED, FAST
 from test_registration import test_refresh_raced_by_another_writer_adopts_its_pair, works_at
 from test_reliability import (
-    DECLARED,
     DECLARED_ROWS,
-    FAST,
     ORPHAN_ROWS,
     chain_works,
     isolation,
