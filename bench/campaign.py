@@ -12,7 +12,7 @@ botocore hooks fail `--aws-fault-rate` of the SSM and SQS calls the handlers mak
 reset connections, and replies lost after the call took effect). Scheduler → queue → worker runs
 through `drain`, with redelivery of failed records and moto's dead-letter queue after 5 receives.
 
-At the end it checks SPEC §7 against the emulator's and moto's state, one checker per rule (CHECKS,
+At the end it checks design §7 against the emulator's and moto's state, one checker per rule (CHECKS,
 each a function registered with @check; a new rule is one more function):
 - every portal job ended with the outcome its portal was built for, or is in the DLQ (none dropped);
 - no declared handler was unbound; no portal reported cleaned/clean still holds an orphan;
@@ -274,7 +274,7 @@ class CampaignConfig:
     read_timeout: float = 1.0  # the engine's: a bit above the injected timeouts
     backoff: Backoff = field(default_factory=lambda: Backoff(attempts=5, base=0.01, cap=0.1))
     settle_seconds: float = 0.2
-    rate: float = 2.0  # the engine's per-portal pacing (SPEC: 2 requests/s)
+    rate: float = 2.0  # the engine's per-portal pacing (design §5: 2 requests/s)
     spoofs: int = 2  # forged ONAPPUNINSTALL posts (wrong application_token)
     max_rounds: int = 2000
     prefix: str = "/b24-cleanup/campaign"
@@ -676,7 +676,7 @@ def _post_uninstall(capture: _Capture, box: Sandbox, case: Case, token: str, rep
     report.endpoint_statuses[int(answer["statusCode"])] += 1
 
 
-# -- the verdict: the tallies, then one checker per rule of SPEC §7 -----------------------------------------
+# -- the verdict: the tallies, then one checker per rule of design §7 -----------------------------------------
 
 
 @dataclass
@@ -810,7 +810,7 @@ def forged_uninstalls_are_refused(ev: Evidence) -> Iterator[str]:
 
 @check
 def genuine_uninstalls_are_accepted(ev: Evidence) -> Iterator[str]:
-    """The other side of the endpoint's check (SPEC §5): every genuine ONAPPUNINSTALL was queued (200)."""
+    """The other side of the endpoint's check (design §5): every genuine ONAPPUNINSTALL was queued (200)."""
     report = ev.report
     if report.endpoint_statuses.get(200, 0) != sum(report.kinds[k] for k in UNINSTALL_KINDS):
         yield f"genuine uninstalls not all accepted: {dict(report.endpoint_statuses)}"
@@ -879,7 +879,7 @@ def done_means_no_orphan_left(ev: Evidence) -> Iterator[str]:
 
 @check
 def live_records_stay_whole(ev: Evidence) -> Iterator[str]:
-    """Every staying portal keeps its record, whole (all SPEC §3 keys, the same application_token); revoked
+    """Every staying portal keeps its record, whole (all design §3 keys, the same application_token); revoked
     portals are marked revoked_at, live ones are not."""
     for case in ev.staying():
         name = f"{case.kind} portal {case.member_id}"

@@ -282,7 +282,7 @@ def measure(sizes: Sizes, runs: int) -> None:
         )
     print_table(
         TITLE,
-        f"fresh interpreter per run (subprocess), SPEC env set, median of {n} run(s)",
+        f"fresh interpreter per run (subprocess), design §4 env set, median of {n} run(s)",
         [
             "module",
             "import ms",

@@ -37,7 +37,7 @@ KEPT_ROWS = [
     {"event": "ONCRMCONTACTADD", "handler": APP_URL},
     {"event": "ONCRMDEALUPDATE", "offline": True},
 ]
-BATCH_LIMIT = 50  # commands per `batch` request (reference §9)
+BATCH_LIMIT = 50  # commands per `batch` request (design §10.9)
 SQS_BATCH = 10  # records per worker invocation (the SQS event source's batch size)
 FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -1,4 +1,4 @@
-"""Table 1, REST requests per portal: one sweep job per portal against the SPEC §5 request bound
+"""Table 1, REST requests per portal: one sweep job per portal against the design §5 request bound
 (1 event.get + ceil(k/50) batch, +1 OAuth refresh when the token is due), counted from the emulator's log.
 The run fails (exit status 1) when a portal is off the bound.
 """

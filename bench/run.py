@@ -9,7 +9,7 @@ Run from the repository root:
 Everything runs on loopback: the project's Bitrix24 emulator, moto in-process (the sandbox) and,
 for the scheduler, a moto server in a child process. Nothing reaches the network. Each table
 prints medians over `--runs` runs; see bench/README.md for what each measurement means.
-The exit status is 1 when a portal's requests are off the SPEC §5 bound (table 1).
+The exit status is 1 when a portal's requests are off the design §5 bound (table 1).
 
 Each table is one module of bench/ (NAME, TITLE, Sizes with FULL and QUICK, `measure(sizes, runs)`);
 this one only runs them: a new table is one more entry in TABLES.
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ok = False
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
     if not ok:
-        print("FAILED: a portal's requests are off the SPEC §5 bound (table 1)")
+        print("FAILED: a portal's requests are off the design §5 bound (table 1)")
     return 0 if ok else 1
 
 

@@ -6,7 +6,7 @@ session-wide leak guard is tests/leakguard.py (its docstring says why it exists)
 - fixtures.sandbox: `box` (the emulator and moto, configured by the `box` marker), `handler_env`, the
   handler URLs and the engine options (FAST, PATIENT, SHORT_TIMEOUTS);
 - fixtures.template: the `template` fixture and `load_template`;
-- leakguard: fails the session when a test leaked a secret any emulator issued (SPEC §7);
+- leakguard: fails the session when a test leaked a secret any emulator issued (design §7);
 - pytester: for the test that proves the leak guard fails a leaking run.
 
 Tests import helpers from those modules. The names below are re-exported because `from conftest import`

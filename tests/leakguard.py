@@ -1,4 +1,4 @@
-"""The session-wide leak guard (SPEC §7): a plugin that fails the run when any test leaked a secret.
+"""The session-wide leak guard (design §7): a plugin that fails the run when any test leaked a secret.
 
 Why a guard on top of tests/resilience/test_leaks.py: that module checks the failure paths it names; the
 guard checks every other test too, for free, so a leak that a new feature adds to a path nobody wrote a
@@ -129,7 +129,7 @@ class LeakGuard(logging.Handler):
         """The lines that fail the session (none when nothing leaked): where, what kind, the secret masked."""
         if not self.findings:
             return []
-        lines = [f"LEAK GUARD: secrets issued by the emulator appeared {len(self.findings)} time(s) (SPEC §7):"]
+        lines = [f"LEAK GUARD: secrets issued by the emulator appeared {len(self.findings)} time(s) (design §7):"]
         return lines + [f"  {where}: {what}: {masked}" for where, what, masked in self.findings]
 
 

@@ -1,4 +1,4 @@
-"""Token access for the app's own backend (SPEC §9): the same chain the worker uses.
+"""Token access for the app's own backend (design §9): the same chain the worker uses.
 
     from b24_cleanup.access import TokenAccess
 

@@ -1,4 +1,4 @@
-"""A small Bitrix24 REST client for one portal (reference §8-§11).
+"""A small Bitrix24 REST client for one portal (design §10.8-§11).
 
 JSON POST to `{client_endpoint}{method}` with `auth` in the body; one exception type per meaning.
 A request is `send` (one paced HTTP request) under two policies: `redirect_refusal`, the one rule
@@ -75,7 +75,7 @@ def redirect_refusal(redirect: Redirect, hops: int) -> str | None:
 
     `hops` counts this request's redirects, this one included. Today: at most MAX_REDIRECTS, to an
     http(s) address, and never from https down to http (the token would cross the network in clear
-    text). The trust rule of SPEC §5 step 3 (same host, or one the OAuth server confirms) goes here.
+    text). The trust rule of design §5 step 3 (same host, or one the OAuth server confirms) goes here.
     """
     target = urlsplit(redirect.target).scheme
     if hops > MAX_REDIRECTS or target not in {"http", "https"}:
@@ -119,7 +119,7 @@ class PortalClient:
             return self._post(method, params, token)
         except ExpiredTokenError as exc:
             if self.tokens.fresh:
-                # Refused right after a refresh: the app is gone (SPEC §5 step 3).
+                # Refused right after a refresh: the app is gone (design §5 step 3).
                 raise RevokedError(
                     exc.code, "refused again after a token refresh", status=exc.status, method=method
                 ) from None
@@ -210,7 +210,7 @@ class PortalClient:
     def batch(self, commands: Sequence[Command]) -> dict[str, CommandResult]:
         """Run `commands` with `halt=0`, ≤50 a request; each command's result or error by key.
 
-        Commands marked `alone` go as single calls after the batches (SPEC §5 step 5): one
+        Commands marked `alone` go as single calls after the batches (design §5 step 5): one
         request each, their parameters top-level.
         """
         results: dict[str, CommandResult] = {}

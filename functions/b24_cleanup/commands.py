@@ -1,4 +1,4 @@
-"""A REST command as the client sends it, and its answer (reference §9).
+"""A REST command as the client sends it, and its answer (design §10.9).
 
 Its own small module so that the planner, which builds commands, and the scheduler, which imports
 the planner for the declared set, stay free of the HTTP client and its imports (a cold start pays
@@ -21,7 +21,7 @@ class Command:
 
     `key` is never a digit string: numeric keys turn the answer's sections into lists (reference
     §9). `params` hold strings only, because batch commands travel as query strings. `alone`: the
-    command must be a single call of its own, never a `batch` sub-command (SPEC §5 step 5: a
+    command must be a single call of its own, never a `batch` sub-command (design §5 step 5: a
     sub-command's `auth_connector` is not read, the batch's auth data is).
     """
 

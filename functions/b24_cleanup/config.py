@@ -1,4 +1,4 @@
-"""Settings from the environment (SPEC §4), read once per process and validated up front."""
+"""Settings from the environment (design §4), read once per process and validated up front."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .store import PortalStore
 
 DEFAULT_GRACE_DAYS = 7
-# SPEC §4: SSM's PutParameter quota (about 3/s per account and region) and the template's default
+# design §4: SSM's PutParameter quota (about 3/s per account and region) and the template's default
 # MaximumConcurrency; the sweep shards over at most 30 nights so every refresh token is used well
 # within its 180 days.
 DEFAULT_SSM_WRITE_RATE = 3.0
@@ -105,7 +105,7 @@ class Settings:
         )
 
     def store(self) -> PortalStore:
-        """The store these settings name: portal records in SSM, or in the DynamoDB table (SPEC §3a)."""
+        """The store these settings name: portal records in SSM, or in the DynamoDB table (design §3a)."""
         if self.store_kind == "dynamodb" and self.table:
             from .dynamostore import DynamoPortalStore
 

@@ -1,10 +1,10 @@
-"""Portal records in DynamoDB (SPEC §3a), behind the interface of the SSM store.
+"""Portal records in DynamoDB (design §3a), behind the interface of the SSM store.
 
 Past a few thousand portals SSM is the wrong home for the records: ~3 writes/s account-wide,
 10,000 standard parameters, and no conditional write. Here each portal is one item,
 ``{member_id (S), record (S) = the §3 JSON, version (N)}``, and every write is conditional on the
 ``version`` it read (compare-and-swap): two writers can never silently overwrite each other, the
-loser re-reads and decides again. The one-chain rule (SPEC §9) thus holds by the database, not
+loser re-reads and decides again. The one-chain rule (design §9) thus holds by the database, not
 by narrowing a read-write window.
 
 The app's credentials, declared set and orphan ledger stay in SSM either way: this class is a

@@ -1,4 +1,4 @@
-"""The cleanup engine: one job for one portal, SPEC §5 steps 1-8.
+"""The cleanup engine: one job for one portal, design §5 steps 1-8.
 
 Request budget per job: one `event.get`, ⌈c/50⌉ `batch` calls for c batched unbind commands, one
 single call per connector-keyed offline row, and one OAuth call when a refresh is due. Transient
@@ -207,12 +207,12 @@ class Engine:
             if job.action is Action.UNINSTALL:
                 self._forget(job.member_id, started_token, result)
             elif keeper.record.revoked_at is not None and not self.dry_run:
-                # Reached successfully: the portal is not revoked after all (SPEC §5 step 8). On a
+                # Reached successfully: the portal is not revoked after all (design §5 step 8). On a
                 # fresh read, so that a pair the app's backend stored meanwhile is kept.
                 self.store.modify(job.member_id, lambda current: current.data.pop("revoked_at", None) is not None)
 
     def _clean(self, job: Job, declared: DeclaredSet | None, client: PortalClient, result: JobResult) -> None:
-        """SPEC §5 steps 4-7: plan from `event.get`, unbind the orphans, conclude the outcome."""
+        """design §5 steps 4-7: plan from `event.get`, unbind the orphans, conclude the outcome."""
         commands = unbind_commands(self._plan(declared, client, result).orphans)
         if self.dry_run:
             result.unbound = len(result.orphans)  # what *would* be unbound: every orphan row
@@ -251,7 +251,7 @@ class Engine:
             raise TransientError("UNBIND_FAILED", f"{result.unbind_failed} unbind command(s) failed transiently")
 
     def _remember_move(self, member_id: str, client_endpoint: str | None) -> None:
-        """Store a renamed portal's new address (reference §8), except in a dry run.
+        """Store a renamed portal's new address (design §10.8), except in a dry run.
 
         Only the address changes, on a fresh read: a pair another writer stored meanwhile stays.
         """
@@ -261,7 +261,7 @@ class Engine:
     def _revoked(
         self, job: Job, record: PortalRecord, started_token: str, exc: RevokedError, result: JobResult
     ) -> None:
-        """The app is gone from the portal. The evidence goes to the log (SPEC §9)."""
+        """The app is gone from the portal. The evidence goes to the log (design §9)."""
         result.outcome = Outcome.REVOKED
         source = "the OAuth server" if exc.method == "oauth" else "the portal"
         result.reason = f"revoked: {exc.code} from {source}" + (f" ({exc.description})" if exc.description else "")
@@ -278,7 +278,7 @@ class Engine:
             self._forget(job.member_id, started_token, result)
 
     def _forget(self, member_id: str, application_token: str, result: JobResult) -> None:
-        """Delete the record, but never a newer installation's (SPEC §5 step 6)."""
+        """Delete the record, but never a newer installation's (design §5 step 6)."""
         if self.dry_run:
             return
         result.record_deleted = self.store.delete_if_token(member_id, application_token)
@@ -288,7 +288,7 @@ class Engine:
 
 @dataclass
 class Tally:
-    """The answers to one job's unbind commands, counted (SPEC §5 step 5).
+    """The answers to one job's unbind commands, counted (design §5 step 5).
 
     `unfinished` is true when something is left for the retry (a transient failure, or a command
     the client did not try after one); `revoked` keeps the first app-gone answer, the evidence.

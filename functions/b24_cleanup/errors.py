@@ -24,7 +24,7 @@ One tree, one root (:class:`B24CleanupError`)::
 
 Messages carry the method, the error code and the portal's own description, or the rule that
 failed, never a token or a value from a request: every exception here may end up in a log line
-or an answer (SPEC §7).
+or an answer (design §7).
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .jobs import JobResult
 
-# Reference §11 and SPEC §5 step 7. Codes are compared case-insensitively (Bitrix24 mixes
+# design §10.11 and design §5 step 7. Codes are compared case-insensitively (Bitrix24 mixes
 # `expired_token` with `QUERY_LIMIT_EXCEEDED`), so every set holds upper-cased codes.
 EXPIRED_CODES = frozenset({"EXPIRED_TOKEN", "NO_AUTH_FOUND"})
 REVOKED_CODES = frozenset(
     {"APPLICATION_NOT_FOUND", "INVALID_TOKEN", "ERROR_OAUTH", "PAYMENT_REQUIRED", "PORTAL_DELETED"}
 )
-# What the OAuth server answers for a refresh token that no longer works (reference §7).
+# What the OAuth server answers for a refresh token that no longer works (design §10.7).
 OAUTH_GONE_CODES = frozenset({"INVALID_GRANT", "NOT_INSTALLED", "INVALID_CLIENT", "PAYMENT_REQUIRED"})
-# The OAuth server does not know the app's client_id (HTTP 200, reference §15): a fault of our own
+# The OAuth server does not know the app's client_id (HTTP 200, design §10.15): a fault of our own
 # configuration, never evidence about one portal. Read as "gone", one wrong client_id would mark every
 # portal of the fleet revoked and delete every record once the grace ran out.
 WRONG_CLIENT_CODE = "WRONG_CLIENT"
@@ -57,7 +57,7 @@ TRANSIENT_CODES = frozenset(
     }
 )
 RATE_LIMIT_CODE = "QUERY_LIMIT_EXCEEDED"
-# A command that a batch answer lists neither in `result` nor in `result_error` (SPEC §5 step 5).
+# A command that a batch answer lists neither in `result` nor in `result_error` (design §5 step 5).
 MISSING_FROM_BATCH = "MISSING_FROM_BATCH"
 
 
@@ -80,11 +80,11 @@ class B24Error(B24CleanupError):
 
 
 class ExpiredTokenError(B24Error):
-    """The access token was refused as expired: refresh once and retry (SPEC §5 step 3)."""
+    """The access token was refused as expired: refresh once and retry (design §5 step 3)."""
 
 
 class RevokedError(B24Error):
-    """The app is gone from the portal: its tokens no longer work (SPEC §5 step 7)."""
+    """The app is gone from the portal: its tokens no longer work (design §5 step 7)."""
 
 
 class TransientError(B24Error):
@@ -96,7 +96,7 @@ class RateLimitedError(TransientError):
 
 
 class RecordChangedError(TransientError):
-    """A conditional write to the DynamoDB store lost (SPEC §3a): the item moved past the version read."""
+    """A conditional write to the DynamoDB store lost (design §3a): the item moved past the version read."""
 
     def __init__(self, member_id: str) -> None:
         super().__init__("RECORD_CHANGED", f"the record of {member_id} changed since it was read")
@@ -115,7 +115,7 @@ class ConfigError(B24CleanupError):
 
 
 class InvalidDeclaredSetError(ConfigError):
-    """The declared handler set is invalid (SPEC §3): a sweep must unbind nothing."""
+    """The declared handler set is invalid (design §3): a sweep must unbind nothing."""
 
 
 class PayloadError(B24CleanupError, ValueError):
@@ -158,7 +158,7 @@ class PortalNotFoundError(B24CleanupError, LookupError):
 
 
 class InvalidJobError(B24CleanupError, ValueError):
-    """A queue message that is not a job of SPEC §5 (the worker fails its record)."""
+    """A queue message that is not a job of design §5 (the worker fails its record)."""
 
 
 class JobFailedError(B24CleanupError):

@@ -1,4 +1,4 @@
-"""Jobs on the portal queue and what became of them (SPEC §5, §6)."""
+"""Jobs on the portal queue and what became of them (design §5, §6)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class Outcome(StrEnum):
     FAILED = "failed"
 
 
-# SPEC §6: one counter per outcome, except `clean` (the remainder of PortalsProcessed).
+# design §6: one counter per outcome, except `clean` (the remainder of PortalsProcessed).
 OUTCOME_METRIC: dict[Outcome, str | None] = {
     Outcome.CLEANED: "PortalsCleaned",
     Outcome.CLEAN: None,
@@ -48,7 +48,7 @@ class Job:
         return f"Job(action={self.action.value!r}, member_id={self.member_id!r})"
 
     def to_message(self) -> dict[str, Any]:
-        """The message body of SPEC §5."""
+        """The message body of design §5."""
         if self.action is Action.UNINSTALL:
             return {
                 "action": "uninstall",
@@ -94,7 +94,7 @@ class Job:
 
 @dataclass
 class JobResult:
-    """What one job did: the outcome, the counts behind the SPEC §6 metrics, and log detail."""
+    """What one job did: the outcome, the counts behind the design §6 metrics, and log detail."""
 
     action: Action
     member_id: str
@@ -117,7 +117,7 @@ class JobResult:
     record_deleted: bool = False
 
     def metrics(self) -> dict[str, int]:
-        """SPEC §6 metric values of this job (absent = 0)."""
+        """design §6 metric values of this job (absent = 0)."""
         values = {
             "PortalsProcessed": 1,
             "HandlersFound": self.found,

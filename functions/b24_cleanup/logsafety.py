@@ -1,7 +1,7 @@
 """Keep secrets out of third-party DEBUG logs.
 
 At DEBUG, urllib3 logs every request line, and the OAuth refresh is a GET whose query string
-holds the client secret and the refresh token (reference §7); botocore logs request bodies, and
+holds the client secret and the refresh token (design §10.7); botocore logs request bodies, and
 a PutParameter body is a portal's whole record. Lambda's `ApplicationLogLevel: DEBUG` would send
 both to CloudWatch. So these loggers are held at INFO unless someone set them explicitly.
 """

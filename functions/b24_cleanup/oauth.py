@@ -1,4 +1,4 @@
-"""The Bitrix24 OAuth server: refreshing a token pair (reference §7).
+"""The Bitrix24 OAuth server: refreshing a token pair (design §10.7).
 
 The request carries the client secret and the refresh token in its query string (the documented
 GET), so nothing about the request — not even the URL requests puts into its exception texts —
@@ -27,12 +27,12 @@ log = logging.getLogger(__name__)
 # No project URL exists to name, so the agent is the name and the one version (b24_cleanup.__version__).
 USER_AGENT = f"b24-cleanup/{__version__}"
 DEFAULT_TIMEOUT = (3.05, 15.0)
-# The only hosts a token URL may be derived from when it comes from an untrusted request (SPEC §9).
+# The only hosts a token URL may be derived from when it comes from an untrusted request (design §9).
 TRUSTED_OAUTH_HOSTS = frozenset({"oauth.bitrix.info", "oauth.bitrix24.tech"})
 
 
 def derive_token_url(server_endpoint: str) -> str:
-    """`https://oauth.bitrix.info/rest/` → `https://oauth.bitrix.info/oauth/token/` (SPEC §3)."""
+    """`https://oauth.bitrix.info/rest/` → `https://oauth.bitrix.info/oauth/token/` (design §3)."""
     parts = urlsplit(server_endpoint or "")
     if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
         raise ConfigError("the portal record has no usable server_endpoint to derive the OAuth URL from")
@@ -40,7 +40,7 @@ def derive_token_url(server_endpoint: str) -> str:
 
 
 def trusted_token_url(server_endpoint: str, override: str | None) -> str | None:
-    """The token URL that may be trusted for a posted `server_endpoint`, or None (SPEC §9).
+    """The token URL that may be trusted for a posted `server_endpoint`, or None (design §9).
 
     `override` (B24_OAUTH_URL) always wins. Otherwise only https on the default port, no user
     info, and a host that is exactly one of Bitrix24's OAuth servers.
@@ -116,7 +116,7 @@ class OAuthClient:
             raise kind(
                 "OAUTH_BAD_ANSWER", "the OAuth server did not answer JSON", status=response.status_code, method="oauth"
             )
-        # Some OAuth errors come with HTTP 200 (`wrong_client`, reference §7).
+        # Some OAuth errors come with HTTP 200 (`wrong_client`, design §10.7).
         if body.get("error"):
             code = str(body["error"])
             if code.upper() == WRONG_CLIENT_CODE:
@@ -159,7 +159,7 @@ def apply_refresh(record_data: dict[str, Any], answer: dict[str, Any]) -> None:
         record_data["scope"] = answer["scope"]
     endpoint = answer.get("client_endpoint")
     if isinstance(endpoint, str) and endpoint.startswith(("http://", "https://")):
-        # The refresh answer tracks portal renames (reference §7, §8).
+        # The refresh answer tracks portal renames (design §10.7, §8).
         record_data["client_endpoint"] = endpoint
         domain = domain_of(endpoint)
         if domain:

@@ -1,6 +1,6 @@
 """Client-side pacing and backoff for one portal.
 
-Bitrix24 counts requests per portal in a leaky bucket (reference §10: drains 2/s, bursts to 50;
+Bitrix24 counts requests per portal in a leaky bucket (design §10.10: drains 2/s, bursts to 50;
 above that HTTP 503 QUERY_LIMIT_EXCEEDED). Keeping the same bucket on our side means the portal's
 own limit is rarely hit; the backoff is for when it is anyway (another app on the same egress IP).
 """
@@ -87,7 +87,7 @@ class Backoff:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When a failed request is tried again, and after how long (reference §10, SPEC §5 step 7).
+    """When a failed request is tried again, and after how long (design §10.10, design §5 step 7).
 
     Modelled on urllib3's `Retry`: a decision from the error and the try count, no I/O. What is
     retried: transient errors, with backoff and jitter, up to `backoff.attempts` tries in all.

@@ -1,4 +1,4 @@
-"""The body of a Bitrix24 event POST, as a nested dict (reference §5.1, §5.4).
+"""The body of a Bitrix24 event POST, as a nested dict (design §10.5, §5.4).
 
 Bitrix24 posts `application/x-www-form-urlencoded` bodies built by PHP's `http_build_query`, so
 nesting is spelled with bracket keys (`auth[member_id]`, `data[FIELDS][ID]`, `a[]`). This module
@@ -11,7 +11,7 @@ post back (:func:`parse_post`): an :class:`UninstallPost`, or an :class:`Install
 registration (`ONAPPINSTALL` / `ONAPPUPDATE`) takes as it is.
 
 Error messages name the rule that failed, never a value: a body may carry tokens, and every
-:class:`PayloadError` may end up in a log line or a 400 answer (SPEC §7).
+:class:`PayloadError` may end up in a log line or a 400 answer (design §7).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from urllib.parse import parse_qsl
 
 from .errors import PayloadError, PayloadTooLargeError, RegistrationInvalidError
 
-# The events this package reads (reference §5): their one home.
+# The events this package reads (design §10.5): their one home.
 ONAPPUNINSTALL = "ONAPPUNINSTALL"
 ONAPPINSTALL = "ONAPPINSTALL"
 ONAPPUPDATE = "ONAPPUPDATE"
 INSTALL_EVENTS = frozenset({ONAPPINSTALL, ONAPPUPDATE})
 
-MAX_BODY_BYTES = 64 * 1024  # SPEC §5: a body over 64 KiB is answered 413
+MAX_BODY_BYTES = 64 * 1024  # design §5: a body over 64 KiB is answered 413
 MAX_DEPTH = 16  # nesting levels below the top-level object (PHP's own default allows 64)
 MAX_FIELDS = 1000  # form fields, or JSON keys and list items in total (PHP: max_input_vars=1000)
 
@@ -349,7 +349,7 @@ def _stripped(mapping: dict[str, Any], key: str) -> str:
 
 @dataclass(frozen=True, repr=False)
 class InstallPost:
-    """What an `ONAPPINSTALL` / `ONAPPUPDATE` POST says (SPEC §9): nothing of it is trusted until the
+    """What an `ONAPPINSTALL` / `ONAPPUPDATE` POST says (design §9): nothing of it is trusted until the
     OAuth server vouches for `refresh_token`. `repr` names the event and the portal only."""
 
     event: str

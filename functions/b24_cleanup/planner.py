@@ -1,9 +1,9 @@
-"""What to keep and what to unbind: the declared handler set (SPEC §3) and the unbind plan (§5 step 5).
+"""What to keep and what to unbind: the declared handler set (design §3) and the unbind plan (§5 step 5).
 
 Pure functions, no I/O: the store hands in the raw parameter text, the client hands in the answer
 of `event.get`, and the engine gets back a plan and the client's `event.unbind` commands for `batch`.
 
-The guiding rule is SPEC §7's first one: a declared handler must never be unbound. So the parser
+The guiding rule is design §7's first one: a declared handler must never be unbound. So the parser
 refuses anything it is not sure about (an invalid set is never half-used; the sweep then unbinds
 nothing anywhere), and classification compares exactly what Bitrix24 compares: the event name
 without regard to case, the handler URL byte for byte.
@@ -28,14 +28,14 @@ _ONLINE = "online"
 _OFFLINE = "offline"
 _URL_SCHEMES = frozenset({"http", "https"})
 
-# How `event.get` spells the `offline` flag is documented as 0/1 (reference §3); JSON-decoding
+# How `event.get` spells the `offline` flag is documented as 0/1 (design §10.3); JSON-decoding
 # middleware, the emulator or a future API version may hand us a bool or a string instead.
 _OFFLINE_TRUE = frozenset({"1", "true", "y", "yes"})
 _OFFLINE_FALSE = frozenset({"0", "false", "n", "no", ""})
 
 
 # --------------------------------------------------------------------------------------------
-# The declared handler set (SPEC §3)
+# The declared handler set (design §3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -76,14 +76,14 @@ class DeclaredSet:
         The reason names the rule that failed and the entry's index, never a value: the
         parameter is operator input and the message ends up in logs and metrics' log lines.
 
-        Beyond SPEC §3's rules, two ambiguities are refused as well, because either could hide
+        Beyond design §3's rules, two ambiguities are refused as well, because either could hide
         which handler an operator meant to keep: a JSON object with the same key twice (JSON
         parsers disagree on which one wins), and a handler URL containing white space or
         control characters (a URL is compared byte for byte, so a stray blank would silently
         turn the live handler into an orphan). Unknown extra keys, in an entry or at the top
         level, are allowed and ignored: they leave no doubt about what is declared, and they
         let operators annotate the parameter (e.g. a `comment`). An `auth_type` or
-        `auth_connector` key is such an extra key too: SPEC §3 matches on event and URL only.
+        `auth_connector` key is such an extra key too: design §3 matches on event and URL only.
         """
         if text is None:
             raise InvalidDeclaredSetError("declared handler set is missing (no parameter)")
@@ -200,7 +200,7 @@ def _event_key(event: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Owned handlers (rows of `event.get`, reference §3)
+# Owned handlers (rows of `event.get`, design §10.3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -283,7 +283,7 @@ class Listing:
 
     @property
     def found(self) -> int:
-        """Every item the portal listed, readable or not (SPEC §6 HandlersFound)."""
+        """Every item the portal listed, readable or not (design §6 HandlersFound)."""
         return len(self.rows) + len(self.unreadable)
 
 
@@ -311,7 +311,7 @@ def _offline_flag(item: Mapping[str, Any]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Classification (SPEC §3)
+# Classification (design §3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -320,7 +320,7 @@ class Plan:
     """The owned handlers of one portal, split.
 
     `declared` holds every row that is kept, including `ONAPPUNINSTALL` rows kept because the
-    declared set does not mention that event (SPEC §3's exception); `orphans` the rows to
+    declared set does not mention that event (design §3's exception); `orphans` the rows to
     unbind; `missing` the declared entries that no row matches (reported, never bound).
     """
 
@@ -375,19 +375,19 @@ def plan(rows: Sequence[HandlerRow], declared: DeclaredSet | None) -> Plan:
 
 
 # --------------------------------------------------------------------------------------------
-# Unbind commands (SPEC §5 step 5)
+# Unbind commands (design §5 step 5)
 # --------------------------------------------------------------------------------------------
 
 
 def command_key(index: int) -> str:
-    """The batch key of the `index`-th command: never a digit string (reference §9, fb24 #44)."""
+    """The batch key of the `index`-th command: never a digit string (design §10.9, fb24 #44)."""
     return f"u{index}"
 
 
 def unbind_commands(orphans: Sequence[HandlerRow]) -> list[Command]:
     """One `event.unbind` per orphan online (event, handler) pair and per offline (event, connector).
 
-    Online commands omit `auth_type` on purpose (SPEC §5 step 5): an admin token then removes
+    Online commands omit `auth_type` on purpose (design §5 step 5): an admin token then removes
     every user's row of the pair, a non-admin token its own rows, which are the only ones its
     `event.get` listed; and no integer `auth_type` has to survive batch's query strings. The
     event is sent upper-cased, which is how Bitrix24 stores it anyway. Commands come in the
@@ -396,7 +396,7 @@ def unbind_commands(orphans: Sequence[HandlerRow]) -> list[Command]:
 
     A connector-keyed offline row's command is `alone`: sent as a single call with
     `auth_connector` top-level, because inside `batch` the portal would read the batch's (empty)
-    connector and remove the row *without* one instead (SPEC §5 step 5, reference §15).
+    connector and remove the row *without* one instead (design §5 step 5, design §10.15).
     """
     groups = dict.fromkeys(_unbind_group(row) for row in orphans)  # an ordered set
     return [

@@ -1,6 +1,6 @@
 """The portal job queue (SQS FIFO): every job is sent from here, as every SSM call is made in store.py.
 
-Two paths (SPEC §5): the endpoint's one uninstall job (`SendMessage`, deduplicated by member_id
+Two paths (design §5): the endpoint's one uninstall job (`SendMessage`, deduplicated by member_id
 and `ts`, so the same event delivered twice is queued once) and the scheduler's fan-out of sweep
 jobs (`SendMessageBatch`, ten a call, deduplicated by member_id and the run's scheduled time, so a
 retried run queues no portal twice). Both put a portal's jobs in its own FIFO message group.
@@ -68,7 +68,7 @@ class JobQueue:
         self.now = now
 
     def send_uninstall(self, job: Job) -> None:
-        """One SendMessage: the uninstall job of SPEC §5 on the portal's FIFO group.
+        """One SendMessage: the uninstall job of design §5 on the portal's FIFO group.
 
         Raises EnqueueFailedError when SQS (after botocore's own retries) did not take it.
         """

@@ -1,4 +1,4 @@
-"""One portal's stored record (SPEC §3): a JSON object whose unknown keys survive every write."""
+"""One portal's stored record (design §3): a JSON object whose unknown keys survive every write."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 # SSM name is refused before any AWS call is made.
 MEMBER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
-# Refresh when the access token expires within this many seconds (SPEC §5 step 3).
+# Refresh when the access token expires within this many seconds (design §5 step 3).
 REFRESH_MARGIN_SECONDS = 300
 
 
@@ -100,7 +100,7 @@ class PortalRecord:
         return not self.access_token or self.expires - now <= REFRESH_MARGIN_SECONDS
 
     def set_client_endpoint(self, endpoint: str) -> None:
-        """Follow a renamed portal: the endpoint and the domain move together (reference §8)."""
+        """Follow a renamed portal: the endpoint and the domain move together (design §10.8)."""
         self.data["client_endpoint"] = endpoint
         domain = domain_of(endpoint)
         if domain:
@@ -108,6 +108,6 @@ class PortalRecord:
 
 
 def domain_of(client_endpoint: str) -> str:
-    """The portal's domain for a `client_endpoint`: its host (SPEC §3, §9), e.g.
+    """The portal's domain for a `client_endpoint`: its host (design §3, §9), e.g.
     `https://example.bitrix24.com/rest/` → `example.bitrix24.com`."""
     return urlsplit(client_endpoint).hostname or ""

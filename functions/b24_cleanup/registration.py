@@ -1,4 +1,4 @@
-"""Registering installs: the start of a portal's one token chain (SPEC §9).
+"""Registering installs: the start of a portal's one token chain (design §9).
 
 Nothing in an `ONAPPINSTALL` / `ONAPPUPDATE` body can be trusted until the OAuth server vouches
 for it. So the posted refresh token is refreshed at a *trusted* OAuth URL with the app's own
@@ -106,6 +106,6 @@ def register(
 
 
 def _server_endpoint(token_url: str) -> str:
-    """The trusted OAuth server's REST base, the form SPEC §3 stores (`https://host/rest/`)."""
+    """The trusted OAuth server's REST base, the form design §3 stores (`https://host/rest/`)."""
     parts = urlsplit(token_url)
     return urlunsplit((parts.scheme, parts.netloc, "/rest/", "", ""))

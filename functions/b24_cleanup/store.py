@@ -1,6 +1,6 @@
-"""The SSM Parameter Store layout of SPEC §3: portal records, app credentials, declared set.
+"""The SSM Parameter Store layout of design §3: portal records, app credentials, declared set.
 
-The portal record is the portal's only token store (SPEC §9), so reads are never cached and
+The portal record is the portal's only token store (design §9), so reads are never cached and
 every write keeps the parameter's type, KMS key and tier. SSM has no conditional writes: the
 guarded delete re-reads and compares the `application_token` right before deleting.
 """
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
 
 # SSM allows ~40 reads/s and a few writes/s per account: throttling is normal at scale, and
-# botocore's adaptive mode both retries and slows the caller down (aws-serverless.md §4).
+# botocore's adaptive mode both retries and slows the caller down (design §11.4).
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, connect_timeout=5, read_timeout=10)
 
 _THROTTLE_CODES = {"ThrottlingException", "TooManyUpdates", "InternalServerError", "ServiceUnavailable"}
@@ -154,7 +154,7 @@ class PortalStore:
     def put(self, member_id: str, record: PortalRecord, *, secure: bool = False) -> None:
         """Write the whole record, keeping the parameter's type, KMS key and tier.
 
-        `secure` forces SecureString (registration stores tokens only encrypted, SPEC §9).
+        `secure` forces SecureString (registration stores tokens only encrypted, design §9).
         """
         name = self.portal_name(member_id)
         self._put(name, record.to_json(), self._meta(name), secure=secure)

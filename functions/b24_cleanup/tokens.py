@@ -1,4 +1,4 @@
-"""One token chain per portal (SPEC §5 step 3, §9).
+"""One token chain per portal (design §5 step 3, §9).
 
 Refresh tokens are single-use and the chain must not branch, so the SSM record is the only store
 and every holder follows one protocol: refresh only when due (or after `expired_token`), write
@@ -82,7 +82,7 @@ class TokenKeeper:
         self.settle_seconds = settle_seconds
         self.clock = clock
         self.sleep = sleep
-        self.refreshed = 0  # OAuth calls made (SPEC §6 TokensRefreshed)
+        self.refreshed = 0  # OAuth calls made (design §6 TokensRefreshed)
         self.fresh = False  # the current access token came from a refresh made just now
 
     @property
@@ -133,7 +133,7 @@ class TokenKeeper:
             self._store_rotated()
 
     def _store_rotated(self) -> None:
-        """Persist a just-rotated pair; only once it is stored may it be used (SPEC §5 step 3)."""
+        """Persist a just-rotated pair; only once it is stored may it be used (design §5 step 3)."""
         persist(self.store, self.member_id, self.record, sleep=self.sleep)
         self.chains.pending.pop(self.member_id, None)
         self.chains.latest[self.member_id] = self.record.copy()
@@ -144,7 +144,7 @@ class TokenKeeper:
         return self._oauth().refresh(self.token_url, refresh_token)
 
     def _after_refused(self, used: str, refused: InvalidGrantError) -> dict | None:
-        """The OAuth server refused `used`: re-read the record once (SPEC §5 step 3)."""
+        """The OAuth server refused `used`: re-read the record once (design §5 step 3)."""
         self.sleep(self.settle_seconds)
         current = self.store.get(self.member_id)
         if current is None:

@@ -1,8 +1,8 @@
-"""Accepting an uninstall (SPEC §5 "Uninstall endpoint"): prove it, then queue its job.
+"""Accepting an uninstall (design §5 "Uninstall endpoint"): prove it, then queue its job.
 
 The endpoint's URL is public and Bitrix24 cannot sign its requests, so the only proof that an
 `ONAPPUNINSTALL` is genuine is its `auth[application_token]`, compared in constant time with the
-one stored in the portal's record (reference §6): exactly one SSM read, no write, and a malformed
+one stored in the portal's record (design §10.6): exactly one SSM read, no write, and a malformed
 member_id refused before any AWS call. Only then is one job sent, in one SQS SendMessage.
 """
 

@@ -1,4 +1,4 @@
-"""The operator CLI against moto and the emulator (SPEC §8): commands, --json, exit codes, usual mistakes."""
+"""The operator CLI against moto and the emulator (design §8): commands, --json, exit codes, usual mistakes."""
 
 from __future__ import annotations
 

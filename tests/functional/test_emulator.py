@@ -1,4 +1,4 @@
-"""The Bitrix24 emulator on its own, over real HTTP (reference §2-§5, §7-§11)."""
+"""The Bitrix24 emulator on its own, over real HTTP (design §10.2-§5, §7-§11)."""
 
 from __future__ import annotations
 
@@ -438,7 +438,7 @@ def test_refresh_client_errors(world: World, emu: Emulator) -> None:
     token = world.admin.refresh_token
     err(refresh(emu, world.app, token, secret="wrong"), 400, "invalid_client")
     unknown = App("local.nobody.1", "nope")
-    err(refresh(emu, unknown, token), 200, "wrong_client")  # HTTP 200 (reference §15)
+    err(refresh(emu, unknown, token), 200, "wrong_client")  # HTTP 200 (design §10.15)
     err(refresh(emu, world.app, ""), 400, "invalid_request")
     err(refresh(emu, world.app, "f" * 64), 400, "invalid_grant")
     assert requests.post(emu.oauth_url, data={"grant_type": "refresh_token"}, timeout=5).status_code == 405
@@ -479,7 +479,7 @@ def test_uninstalled_refresh_error_is_configurable() -> None:
 
 def test_token_checks(world: World, emu: Emulator) -> None:
     # NO_AUTH_FOUND only when no token came at all; a token the portal never issued is
-    # invalid_token (reference §15, b24pysdk's live-portal tests).
+    # invalid_token (design §10.15, b24pysdk's live-portal tests).
     err(rest(world.portal, "event.get", None), 401, "NO_AUTH_FOUND")
     err(rest(world.portal, "event.get", ""), 401, "NO_AUTH_FOUND")
     secret_looking = "deadbeef" * 8

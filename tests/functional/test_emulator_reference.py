@@ -1,6 +1,6 @@
 """Emulator answers that once differed from the reference (issue 16 item 3 and 4), over real HTTP.
 
-Each test names its source: reference §9/§10/§15, [docs] or b24pysdk's live-portal expectations.
+Each test names its source: design §10.9/§10/§15, [docs] or b24pysdk's live-portal expectations.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def test_batch_sub_commands_inherit_the_batch_auth_connector_and_ignore_their_ow
         portal.bind(inst.app, "ONCRMDEALUPDATE", offline=True, connector_id=connector)
     unbind = "event.unbind?event=ONCRMDEALUPDATE&event_type=offline"
 
-    # A per-command auth_connector is not read: the row WITHOUT a connector goes (reference §15).
+    # A per-command auth_connector is not read: the row WITHOUT a connector goes (design §10.15).
     body = call(portal, inst.access_token, "batch", cmd={"u": unbind + "&auth_connector=sync"}).json()
     assert body["result"]["result"] == {"u": {"count": 1}}
     assert _offline_rows(portal, inst.app) == ["other", "sync"]

@@ -1,4 +1,4 @@
-"""The uninstall endpoint (handlers/endpoint.py): SPEC §5's status matrix, side effects, metrics, logs."""
+"""The uninstall endpoint (handlers/endpoint.py): design §5's status matrix, side effects, metrics, logs."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_genuine_form_base64_uninstall_is_queued(
     assert answer["statusCode"] == 200
     assert json.loads(answer["body"]) == {"status": "accepted"}
     assert answer["headers"]["content-type"] == "application/json"
-    # One SSM read and one SQS send, nothing else (SPEC §5).
+    # One SSM read and one SQS send, nothing else (design §5).
     assert calls == ["ssm.GetParameter", "sqs.SendMessage"]
     (message,) = mock_aws.receive_all()
     assert json.loads(message["Body"]) == EXPECTED_JOB

@@ -1,4 +1,4 @@
-"""The engine against the emulator over real HTTP and moto (SPEC §5 steps 1-8)."""
+"""The engine against the emulator over real HTTP and moto (design §5 steps 1-8)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_uninstall_with_working_tokens_unbinds_everything_on_budget(box: Sandbox
 
     result = make_engine(box).run(uninstall_job(seeded))
 
-    pairs, offline_plain, offline_keyed = 20 + 60, 2, 1  # p, f, g of SPEC §5's budget
+    pairs, offline_plain, offline_keyed = 20 + 60, 2, 1  # p, f, g of design §5's budget
     assert result.outcome is Outcome.CLEANED
     assert result.found == 123
     assert result.unbound == 123
@@ -216,7 +216,7 @@ def test_transient_command_failure_fails_the_job_and_a_rerun_finishes(box: Sandb
 
 
 def test_connector_keyed_offline_rows_go_by_single_calls_on_budget(box: Sandbox) -> None:
-    """SPEC §5 step 5: inside `batch` a command's auth_connector is not read (the emulator, like
+    """design §5 step 5: inside `batch` a command's auth_connector is not read (the emulator, like
     the portal, applies the batch's own), so each connector-keyed row is a single call."""
     rows = [{"event": "ONCRMDEALADD", "handler": f"https://o{i}.example.com/h"} for i in range(55)]  # p = 55
     rows += [{"event": "ONCRMLEADUPDATE", "offline": True}, {"event": "ONCRMDEALADD", "offline": True}]  # f = 2

@@ -1,4 +1,4 @@
-"""Registering installs and the app-side token API against the emulator and moto (SPEC §9)."""
+"""Registering installs and the app-side token API against the emulator and moto (design §9)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def parse_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 def install_body(box: Sandbox, portal=None, app=None, **auth_overrides: str) -> dict[str, Any]:
-    """The nested ONAPPINSTALL body a portal posts (reference §5.2), for a fresh install."""
+    """The nested ONAPPINSTALL body a portal posts (design §10.5), for a fresh install."""
     portal = portal or box.emulator.add_portal(f"p{len(box.emulator.portals)}.bitrix24.test")
     inst = box.emulator.install(portal, app or box.app)
     body = parse_form(payloads.install_form(box.emulator.state, inst))

@@ -157,7 +157,7 @@ def test_no_portals_enqueues_nothing(mock_aws: AwsAccount, lambda_context: Any, 
     mock_aws.ssm.delete_parameter(Name=mock_aws.portal_name(MEMBER_ID))
     assert scheduler.lambda_handler(load_event("scheduler.json"), lambda_context)["enqueued"] == 0
     assert mock_aws.queue_depth() == 0
-    # A run over no portals still reports that it ran (SPEC §6: every invocation that did work
+    # A run over no portals still reports that it ran (design §6: every invocation that did work
     # emits at least one metric).
     assert scheduler_metrics(stdout) == {"PortalsEnqueued": 0.0}
 

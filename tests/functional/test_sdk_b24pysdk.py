@@ -3,7 +3,7 @@
 The SDK talks to the emulator as an app talks to a portal: https (the emulator's certificate, made
 at start, trusted through REQUESTS_CA_BUNDLE), each portal at its own host on port 443 so that the
 SDK's domain handling (a 302's host becomes the new domain, no port) works unchanged. The only
-thing pointed elsewhere is the SDK's hard-coded OAuth URL (reference §13.1), aimed at the
+thing pointed elsewhere is the SDK's hard-coded OAuth URL (design §10.13), aimed at the
 emulator's OAuth server; every request still goes over the real wire. Each test is one check of
 the table in the issue's note; it asserts what the SDK sees against what the reference says.
 """
@@ -107,7 +107,7 @@ def test_event_bind_get_unbind_with_every_documented_parameter(world: World) -> 
         {"event": "ONCRMLEADUPDATE", "handler": URL, "auth_type": "0", "offline": 0},
     ]
     # event.unbind: event, handler, auth_type, event_type; auth_connector through call_method (the
-    # SDK's unbind has no such parameter, reference §13.1).
+    # SDK's unbind has no such parameter, design §10.13).
     assert client.event.unbind("ONCRMLEADADD", URL, auth_type=2, event_type="online").result == {"count": 1}
     assert client.event.unbind("oncrmleadadd", URL).result == {"count": 1}  # case-insensitive, admin: all users
     assert client.event.unbind("ONCRMDEALUPDATE", event_type="offline").result == {"count": 1}  # the row without a key

@@ -1,4 +1,4 @@
-"""The SAM template's security and wiring properties (SPEC §2, §4-§6; aws-serverless.md §2).
+"""The SAM template's security and wiring properties (design §2, §4-§6; design §11.2).
 
 Static checks parse template.yaml with a loader that understands CloudFormation's short tags and
 evaluate its Conditions for a few parameter scenarios, so that what is granted *with* AcceptInstall
@@ -40,7 +40,7 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-# SPEC §4 (fixed names).
+# design §4 (fixed names).
 SPEC_ENV = {
     "B24_SSM_PREFIX",
     "B24_QUEUE_URL",
@@ -55,10 +55,10 @@ SPEC_ENV = {
     "B24_TABLE",
     "POWERTOOLS_SERVICE_NAME",
     "POWERTOOLS_METRICS_NAMESPACE",
-    # Not in SPEC §4 (which allows additions): the customer-managed key for new portal records.
+    # Not in design §4 (which allows additions): the customer-managed key for new portal records.
     "B24_SSM_KMS_KEY_ID",
 }
-# SPEC §6 (fixed names and dimension values).
+# design §6 (fixed names and dimension values).
 SPEC_METRICS = {
     "UninstallAccepted", "UninstallRejected", "PortalsEnqueued", "PortalsProcessed", "PortalsCleaned",
     "PortalsRevoked", "PortalsFailed", "PortalsSkipped", "PortalsIncomplete", "HandlersFound",
@@ -354,7 +354,7 @@ def _expected_grants(scenario: str) -> dict[str, set[tuple[str, str]]]:
 
 
 def _expected_dynamodb_grants(accept: bool, kms: bool) -> dict[str, set[tuple[str, str]]]:
-    """TokenStore=dynamodb: the table for records, SSM only for the app's parameters (SPEC §3a)."""
+    """TokenStore=dynamodb: the table for records, SSM only for the app's parameters (design §3a)."""
     endpoint = _logs("EndpointLogGroup") | {("dynamodb:GetItem", PORTAL_TABLE), ("sqs:SendMessage", WORK_QUEUE)}
     if accept:
         endpoint |= {("dynamodb:PutItem", PORTAL_TABLE), ("ssm:GetParameter", CREDENTIALS)}
@@ -534,7 +534,7 @@ def test_schedule_passes_its_scheduled_time(template: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Environment (SPEC §4)
+# Environment (design §4)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -543,7 +543,7 @@ def test_every_function_gets_the_spec_environment(template: dict[str, Any], scen
     tpl = effective(template, scenario)
     for function in FUNCTIONS:
         env = function_env(tpl, function)
-        assert set(env) <= SPEC_ENV, f"{function}: names outside SPEC §4: {set(env) - SPEC_ENV}"
+        assert set(env) <= SPEC_ENV, f"{function}: names outside design §4: {set(env) - SPEC_ENV}"
         assert env["B24_SSM_PREFIX"] == {"Ref": "SsmPrefix"}
         assert env["B24_DRY_RUN"] == {"Ref": "DryRun"}
         assert env["B24_REVOKED_GRACE_DAYS"] == {"Ref": "RevokedGraceDays"}
@@ -605,7 +605,7 @@ def test_parameter_patterns(template: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Alarms and dashboard (SPEC §6)
+# Alarms and dashboard (design §6)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -851,7 +851,7 @@ if module_name.endswith(".endpoint"):
         return {"version": "2.0", "rawPath": "/", "rawQueryString": "", "isBase64Encoded": False,
                 "headers": {"content-type": "application/x-www-form-urlencoded"}, "body": body,
                 "requestContext": {"requestId": "r-1", "http": {"method": method, "path": "/"}}}
-    # SPEC §5: non-POST -> 405; missing auth fields -> 400. Neither may touch AWS.
+    # design §5: non-POST -> 405; missing auth fields -> 400. Neither may touch AWS.
     out["get_status"] = handler(request("GET", ""), Context())["statusCode"]
     out["bad_post_status"] = handler(request("POST", "event=ONAPPUNINSTALL"), Context())["statusCode"]
 print("RESULT " + json.dumps(out))
@@ -1044,7 +1044,7 @@ def test_artifact_is_precompiled_for_the_runtime_and_lambda_only(build: dict[str
 
 
 # ---------------------------------------------------------------------------------------------
-# Past SSM: the DynamoDB store and the sweep's budget (SPEC §3a, §4)
+# Past SSM: the DynamoDB store and the sweep's budget (design §3a, §4)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The worker handler in-process: sample events, FIFO partial failures, concurrency, EMF (SPEC §5, §6)."""
+"""The worker handler in-process: sample events, FIFO partial failures, concurrency, EMF (design §5, §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The campaign's checkers (bench/campaign.py, one per rule of SPEC §7) find what they look for.
+"""The campaign's checkers (bench/campaign.py, one per rule of design §7) find what they look for.
 
 The campaign test in test_reliability.py shows that every invariant holds on a real run; this shows that a
 broken one would be reported: each checker gets evidence in which its rule is broken.

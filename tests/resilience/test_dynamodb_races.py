@@ -1,9 +1,9 @@
-"""Every token race the SSM store is tested against, on the DynamoDB store (SPEC §3a), plus CAS losers.
+"""Every token race the SSM store is tested against, on the DynamoDB store (design §3a), plus CAS losers.
 
 The race tests of test_reliability.py (two jobs for one due portal, the app's backend refreshing
 while a job runs, marks and deletes racing a reinstall) and of test_registration.py run here
 unchanged against a sandbox whose records live in a moto DynamoDB table: the same behaviour is the
-contract (SPEC §3a: "behaviour, outcomes, metrics and the one-chain protocol are the same with
+contract (design §3a: "behaviour, outcomes, metrics and the one-chain protocol are the same with
 either store"). Then the races that only compare-and-swap can settle exactly.
 """
 

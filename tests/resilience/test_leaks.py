@@ -1,4 +1,4 @@
-"""Leak check (SPEC §7): no token, refresh token, client secret or application token in a log line, a metric,
+"""Leak check (design §7): no token, refresh token, client secret or application token in a log line, a metric,
 an exception message or a CLI output.
 
 Each scenario below runs real code paths end to end (the demo, the worker through the queue, the

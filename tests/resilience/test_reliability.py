@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:  # bench/ lives beside functions/, not inside the 
 
 from bench.campaign import DLQ, RECORD_KEYS, AwsFaults, CampaignConfig, run_campaign
 
-# Races need the other writer's PutParameter to land before the one re-read decides (SPEC §5 step 3):
+# Races need the other writer's PutParameter to land before the one re-read decides (design §5 step 3):
 # the production settle time, so that a loaded machine does not decide the race.
 RACE = EngineOptions(backoff=PATIENT.backoff, settle_seconds=1.0)
 pytestmark = pytest.mark.box(declared=DECLARED)
@@ -116,7 +116,7 @@ def version(box: Sandbox, member_id: str) -> int:
 
 
 def test_campaign_with_rest_and_aws_faults_keeps_every_invariant() -> None:
-    """SPEC §7 under a fifth of all REST requests failing and a tenth of the SSM/SQS attempts failing."""
+    """design §7 under a fifth of all REST requests failing and a tenth of the SSM/SQS attempts failing."""
     config = CampaignConfig(
         portals=40,
         fault_rate=0.2,
@@ -605,7 +605,7 @@ def _texts_of(event: dict[str, Any]) -> list[str]:
 
 
 def check_endpoint(event: dict[str, Any], log: AwsLog, outbound: Outbound, *, installs: bool = False) -> int:
-    """The SPEC §7 property of one request; returns the status."""
+    """The design §7 property of one request; returns the status."""
     before, sent_before = len(log.calls), len(outbound.urls)
     answer = endpoint.lambda_handler(event, FakeContext())
     calls = log.calls[before:]
@@ -1131,7 +1131,7 @@ _trusted_lookalikes = st.sampled_from(
 
 @pytest.fixture
 def untrusted_endpoint(mock_aws: AwsAccount, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[AwsLog, Outbound]]:
-    """B24_ACCEPT_INSTALL on and no B24_OAUTH_URL: the posted server_endpoint decides (SPEC §9)."""
+    """B24_ACCEPT_INSTALL on and no B24_OAUTH_URL: the posted server_endpoint decides (design §9)."""
     monkeypatch.setenv("B24_ACCEPT_INSTALL", "true")
     monkeypatch.delenv("B24_OAUTH_URL", raising=False)
     runtime.reset()
@@ -1221,7 +1221,7 @@ def test_function_url_has_no_cors_and_buffers(template: dict[str, Any]) -> None:
 
 def test_the_worker_is_not_capped_by_reserved_concurrency(template: dict[str, Any]) -> None:
     """Reserved concurrency on an SQS consumer throttles invocations, burns receive counts and sends
-    healthy jobs to the DLQ early (aws-serverless.md §2.3): the cap belongs on the event source."""
+    healthy jobs to the DLQ early (design §11.2): the cap belongs on the event source."""
     worker_props = template["Resources"]["WorkerFunction"]["Properties"]
     assert "ReservedConcurrentExecutions" not in worker_props
     assert "ReservedConcurrentExecutions" not in template["Globals"]["Function"]
@@ -1245,7 +1245,7 @@ def test_no_secret_travels_through_the_template(template: dict[str, Any]) -> Non
 
 
 def test_failed_jobs_have_time_to_reach_the_dlq(template: dict[str, Any]) -> None:
-    """A job that keeps failing is retried maxReceiveCount times, then kept 14 days in the DLQ (SPEC §7)."""
+    """A job that keeps failing is retried maxReceiveCount times, then kept 14 days in the DLQ (design §7)."""
     resources = template["Resources"]
     queue = resources["WorkQueue"]["Properties"]
     dlq = resources["DeadLetterQueue"]["Properties"]

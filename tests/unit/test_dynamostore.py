@@ -1,4 +1,4 @@
-"""The DynamoDB record store (SPEC §3a) on moto: item layout, compare-and-swap, guarded delete, Scan."""
+"""The DynamoDB record store (design §3a) on moto: item layout, compare-and-swap, guarded delete, Scan."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The engine's unbind tally and its conclusion (SPEC §5 steps 5 and 7), answer by answer.
+"""The engine's unbind tally and its conclusion (design §5 steps 5 and 7), answer by answer.
 
 The functional tests drive the same steps through the emulator; these pin each kind of answer.
 """

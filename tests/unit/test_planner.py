@@ -1,4 +1,4 @@
-"""The declared set's validity rules, classification and unbind commands (SPEC §3, §5 step 5)."""
+"""The declared set's validity rules, classification and unbind commands (design §3, §5 step 5)."""
 
 from __future__ import annotations
 
@@ -491,7 +491,7 @@ def _is_offline(command: Command) -> bool:
 
 
 def _removes(command: Command, row: HandlerRow) -> bool:
-    """Whether `command` is the one that unbinds `row` (what the portal matches, SPEC §5 step 5)."""
+    """Whether `command` is the one that unbinds `row` (what the portal matches, design §5 step 5)."""
     if command.params["event"] != row.event.upper() or _is_offline(command) != row.offline:
         return False
     if row.offline:
@@ -615,7 +615,7 @@ def test_classification_properties(rows: list[HandlerRow], entries: list[dict[st
 
     # a partition of the rows, order kept within each side
     assert Counter(plan.declared) + Counter(plan.orphans) == Counter(rows)
-    # a row that matches an entry is never an orphan (SPEC §7: a declared handler is never unbound)
+    # a row that matches an entry is never an orphan (design §7: a declared handler is never unbound)
     for row in plan.orphans:
         assert not any(_matches(row, entry) for entry in declared_set.handlers)
     # a kept row matches an entry, or is an ONAPPUNINSTALL row the set does not mention
@@ -688,7 +688,7 @@ def test_one_malformed_entry_always_invalidates(entries: list[dict[str, Any]], i
 
 
 def test_only_connector_keyed_offline_commands_go_alone() -> None:
-    """SPEC §5 step 5: a connector-keyed offline unbind is a single call, never a batch command."""
+    """design §5 step 5: a connector-keyed offline unbind is a single call, never a batch command."""
     orphans = [online("ONX", OLD_URL), offline("ONY"), offline("ONY", "erp"), offline("ONZ", "shop")]
     commands = unbind_commands(orphans)
     assert [(c.params.get("auth_connector", ""), c.alone) for c in commands] == [

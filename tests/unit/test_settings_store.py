@@ -1,4 +1,4 @@
-"""SPEC §4 settings of issue 15: B24_STORE / B24_TABLE select the store; the write budget; sharding N."""
+"""design §4 settings of issue 15: B24_STORE / B24_TABLE select the store; the write budget; sharding N."""
 
 from __future__ import annotations
 

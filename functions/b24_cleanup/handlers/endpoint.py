@@ -1,6 +1,6 @@
 """The uninstall endpoint: a Lambda Function URL (payload format 2.0) that Bitrix24 POSTs to.
 
-SPEC §5 "Uninstall endpoint"; the proof and the job are the core's (:mod:`b24_cleanup.uninstall`).
+design §5 "Uninstall endpoint"; the proof and the job are the core's (:mod:`b24_cleanup.uninstall`).
 Decided in this order, so that a spoofed or malformed request never reaches a write nor earns a 5xx:
 
     method (405) → size (413) → base64 (400) → parse (400) → event (400) → auth fields (400)
@@ -10,8 +10,8 @@ The only 5xx is 503, when SSM or SQS fails while handling a request that may be 
 record read has to happen before we can tell, so a transient SSM failure on a spoofed request
 is answered 503 too — it depends on our state, never on the input, and writes nothing.
 
-Not Powertools' `LambdaFunctionUrlResolver`: it answers an unrouted method 404 (SPEC: 405), routes
-by path (Bitrix24 may post to any path) and decodes the body leniently with no size bound (SPEC:
+Not Powertools' `LambdaFunctionUrlResolver`: it answers an unrouted method 404 (design §5: 405), routes
+by path (Bitrix24 may post to any path) and decodes the body leniently with no size bound (design §5:
 413 on the decoded size before parsing, bad base64 400, an absurd encoded body never decoded).
 """
 
@@ -82,7 +82,7 @@ def _request(event: dict[str, Any]) -> tuple[str | None, str | None]:
 
 
 def _register(post: InstallPost) -> dict[str, Any]:
-    """ONAPPINSTALL / ONAPPUPDATE with B24_ACCEPT_INSTALL=true (SPEC §9): not vouched for → 401, the
+    """ONAPPINSTALL / ONAPPUPDATE with B24_ACCEPT_INSTALL=true (design §9): not vouched for → 401, the
     body of a spoofed uninstall; our own SSM or configuration failing → 503 (it may be genuine).
     Imported here, not at the top: an uninstall-only deployment never loads the OAuth client."""
     from .. import registration
@@ -100,7 +100,7 @@ def _register(post: InstallPost) -> dict[str, Any]:
 
 
 def handle(event: dict[str, Any]) -> dict[str, Any]:
-    """Decide one request (no Lambda context needed): the status matrix of SPEC §5."""
+    """Decide one request (no Lambda context needed): the status matrix of design §5."""
     method, content_type = _request(event) if isinstance(event, dict) else (None, None)
     if method != "POST":
         raise Rejected(405, {"error": "method_not_allowed"}, "method is not POST")

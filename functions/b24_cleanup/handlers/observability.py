@@ -1,4 +1,4 @@
-"""Module-level Logger and Metrics shared by the three handlers (SPEC §6).
+"""Module-level Logger and Metrics shared by the three handlers (design §6).
 
 Every metric carries one dimension, `action`, and never a per-portal one: per-portal detail goes
 to structured log lines.
@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore", "No application metrics to publish*")
 
 
 def publish(action: str, values: Mapping[str, int]) -> None:
-    """Emit SPEC §6 counters as one EMF blob under `action` (zero values are left out, unless all are).
+    """Emit design §6 counters as one EMF blob under `action` (zero values are left out, unless all are).
 
     Flushed at once because one worker batch may hold uninstall and sweep jobs, and a blob can
     carry only one value of the `action` dimension.

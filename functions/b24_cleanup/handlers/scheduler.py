@@ -1,4 +1,4 @@
-"""The nightly sweep's fan-out: one `sweep` job per stored portal (SPEC §5 "Sweep").
+"""The nightly sweep's fan-out: one `sweep` job per stored portal (design §5 "Sweep").
 
 EventBridge Scheduler invokes this with the target's `Input`, `{"scheduled_time":
 "<aws.scheduler.scheduled-time>"}`, or with `{}` on a manual invoke. The run's scheduled time goes
@@ -6,7 +6,7 @@ into every job's deduplication id, so a retried run (same scheduled time, within
 deduplication window) does not queue a portal twice.
 
 The declared set is checked first: a broken config must never reach the workers' unbind step, and
-an invalid set enqueues nothing at all (SPEC §3). Portals are streamed from DescribeParameters
+an invalid set enqueues nothing at all (design §3). Portals are streamed from DescribeParameters
 page by page and sent ten at a time, so memory stays constant in the number of portals.
 """
 

@@ -1,4 +1,4 @@
-"""Worker: SQS FIFO event source, one portal job per record (SPEC §5 "Worker").
+"""Worker: SQS FIFO event source, one portal job per record (design §5 "Worker").
 
 Records of one message group (one portal) run in order through Powertools'
 SqsFifoPartialProcessor with `skip_group_on_error`: after a failed job, the later jobs of that

@@ -1,4 +1,4 @@
-"""`b24-cleanup`: the operator's command line (SPEC §8).
+"""`b24-cleanup`: the operator's command line (design §8).
 
 `plan` and `sweep` run the worker's engine in-process against the configured SSM store (standard
 AWS credentials and region); `demo` and `emulator` need nothing but this machine. Output is a

@@ -3,7 +3,7 @@
 moto answers every call at once, so a sweep on it never meets the limit that decides production:
 SSM Parameter Store takes about 40 reads/s (GetParameter, GetParameters and GetParametersByPath
 share one bucket per account and region) and about 3 writes/s, and holds 10,000 standard
-parameters (aws-serverless.md §4.1). This module puts those limits back, on the real wire: a
+parameters (design §11.4). This module puts those limits back, on the real wire: a
 loopback HTTP server runs moto's own WSGI app behind a middleware that meters each SSM call by its
 ``X-Amz-Target`` header and, beyond the rate, answers exactly as SSM does::
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .quota import QuotaAws, SsmQuotas
 
 # moto intercepts HTTP through `responses`, which logs every passed-through URL at INFO; the OAuth
-# refresh URL carries the client secret and refresh token (reference §7).
+# refresh URL carries the client secret and refresh token (design §10.7).
 logging.getLogger("responses").setLevel(logging.WARNING)
 
 DEFAULT_PREFIX = "/b24-cleanup/demo"
@@ -67,7 +67,7 @@ class Sandbox:
 
     @property
     def table(self) -> str | None:
-        """The DynamoDB table of portal records, when the sandbox stores them there (SPEC §3a)."""
+        """The DynamoDB table of portal records, when the sandbox stores them there (design §3a)."""
         return self.store.table if isinstance(self.store, DynamoPortalStore) else None
 
     def new_store(self) -> PortalStore:
@@ -77,7 +77,7 @@ class Sandbox:
         return PortalStore(self.prefix)
 
     def env(self, **overrides: str) -> dict[str, str]:
-        """The SPEC §4 environment for the handlers, pointed at this sandbox."""
+        """The design §4 environment for the handlers, pointed at this sandbox."""
         env = {"B24_SSM_PREFIX": self.prefix, "B24_QUEUE_URL": self.queue_url}
         if self.table:
             env.update({"B24_STORE": "dynamodb", "B24_TABLE": self.table})

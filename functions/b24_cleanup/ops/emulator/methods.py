@@ -1,5 +1,5 @@
 """The REST methods a portal serves: `event.get`, `event.bind`, `event.unbind`, `batch` and a few
-harmless read methods, with the argument checks and error codes of reference §2, §3, §4 and §9.
+harmless read methods, with the argument checks and error codes of design §10.2, §3, §4 and §9.
 
 These run under the emulator's state lock, on behalf of an authenticated :class:`Caller`; they
 raise :class:`ApiError` for every error answer. Parameter names are case-insensitive (the source
@@ -156,7 +156,7 @@ def _check_handler_url(url: str) -> None:
 
 
 def event_bind(caller: Caller, params: dict[str, Any]) -> bool:
-    """Reference §2, in the order of [src] `Event::eventBind`.
+    """design §10.2, in the order of [src] `Event::eventBind`.
 
     Without `auth_type` an admin's row is stored with user 0 ("the user who caused the event")
     and a non-admin's with his own id, as the source does.
@@ -208,7 +208,7 @@ def _in_scope(caller: Caller, event: str) -> bool:
 
 
 def event_unbind(caller: Caller, params: dict[str, Any]) -> dict[str, int]:
-    """Reference §4, in the order of [src] `Event::eventUnbind`.
+    """design §10.4, in the order of [src] `Event::eventUnbind`.
 
     A non-admin's `auth_type` must be his own id *as an integer* (the source compares with
     `!==`), so the string that arrives through a form body or `batch` is refused.
@@ -248,7 +248,7 @@ def event_unbind(caller: Caller, params: dict[str, Any]) -> dict[str, int]:
 
 
 def event_get(caller: Caller, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Reference §3: the calling app's rows, all users' for an admin, own rows otherwise."""
+    """design §10.3: the calling app's rows, all users' for an admin, own rows otherwise."""
     rows = caller.portal._rows_of(caller.client_id)
     if not caller.is_admin:
         rows = [r for r in rows if r.user_id == caller.user_id]
@@ -313,7 +313,7 @@ def batch_command_names(params: dict[str, Any]) -> list[str]:
 
 
 def _section(values: dict[str, Any]) -> dict[str, Any] | list[Any]:
-    """A batch section as PHP's `json_encode` writes an array: empty → `[]` (reference §9), keys
+    """A batch section as PHP's `json_encode` writes an array: empty → `[]` (design §10.9), keys
     `0`…`n-1` in order → a JSON list ([fb24] #44: numeric command keys), else an object."""
     if not values:
         return []
@@ -324,14 +324,14 @@ def _section(values: dict[str, Any]) -> dict[str, Any] | list[Any]:
 
 
 def batch(caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
-    """Reference §9 / [src] `CRestProvider::methodsBatch`: ≤ 50 sub-calls with inherited auth.
+    """design §10.9 / [src] `CRestProvider::methodsBatch`: ≤ 50 sub-calls with inherited auth.
 
     Extra commands each fail with ERROR_BATCH_LENGTH_EXCEEDED; `halt` stops after the first error
     (that one included). `$result[...]` chaining is not emulated.
     """
     halt = php_bool(lower_keys(params).get("halt"))
     # The sub-calls inherit the batch's auth data, `auth_connector` included; one given inside a
-    # command is not read ([src] CRestServerBatchItem, reference §15).
+    # command is not read ([src] CRestServerBatchItem, design §10.15).
     connector = lower_keys(params).get("auth_connector")
     results: dict[str, Any] = {}
     errors: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """Value types of the emulator: apps, token pairs, installations, log entries, replies.
 
 Every type that holds a secret masks it in `repr`: tests print these objects when they fail,
-and SPEC §7 forbids a token in any output, fake or not (the habit is what matters).
+and design §7 forbids a token in any output, fake or not (the habit is what matters).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .state import Portal
 
-# What portals answer for these codes (reference §11 and the docs' system-error table).
+# What portals answer for these codes (design §10.11 and the docs' system-error table).
 DESCRIPTIONS: dict[str, str] = {
     "INTERNAL_SERVER_ERROR": "Internal server error",
     "ERROR_UNEXPECTED_ANSWER": "Server returned an unexpected response",
@@ -42,7 +42,7 @@ DESCRIPTIONS: dict[str, str] = {
     "PAYMENT_REQUIRED": "Payment required",
 }
 
-# Default HTTP status of an injected code (reference §10, §11; the SDK's grouping where the docs
+# Default HTTP status of an injected code (design §10.10, §11; the SDK's grouping where the docs
 # give none), so that `fail_next(1, "QUERY_LIMIT_EXCEEDED")` answers 503 as the real thing does.
 STATUSES: dict[str, int] = {
     "INTERNAL_SERVER_ERROR": 500,
@@ -110,7 +110,7 @@ class App:
     client_id: str
     client_secret: str
     scope: str = "crm,user"
-    status: str = "L"  # reference §5.1: L local, F free, P paid, ...
+    status: str = "L"  # design §10.5: L local, F free, P paid, ...
     version: int = 1
 
     def __repr__(self) -> str:
@@ -219,7 +219,7 @@ def _iso(ts: float) -> str:
 def time_block(
     start: float, finish: float, *, operating: float = 0.0, operating_reset_at: int | None = None
 ) -> dict[str, Any]:
-    """The `time` object of every success answer (reference §8, §10); `operating` is what the
+    """The `time` object of every success answer (design §10.8, §10); `operating` is what the
     called method has accumulated in the current ten-minute window."""
     duration = max(finish - start, 0.0)
     return {

@@ -1,4 +1,4 @@
-"""The bodies a portal POSTs to an app's install/update/uninstall URL (reference §5.1 to §5.4).
+"""The bodies a portal POSTs to an app's install/update/uninstall URL (design §10.5 to §5.4).
 
 Form-encoded with PHP bracket keys, in the order the docs list them. ONAPPUNINSTALL carries no
 token, scope or status (`sendAuth => false` in [src]); whether it has `event_handler_id` is
@@ -37,7 +37,7 @@ def _auth_with_tokens(state: State, inst: Installation, tokens: TokenPair) -> di
 
 
 def install_form(state: State, inst: Installation, *, ts: int | None = None) -> list[tuple[str, str]]:
-    """ONAPPINSTALL (reference §5.2) or ONAPPUPDATE (§5.3), as form pairs."""
+    """ONAPPINSTALL (design §10.5) or ONAPPUPDATE (§5.3), as form pairs."""
     data: dict[str, Any] = {"VERSION": str(inst.app.version), "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"}
     if inst.event == "ONAPPUPDATE":
         data = {"VERSION": str(inst.app.version), "PREVIOUS_VERSION": str(inst.app.version - 1), "LANGUAGE_ID": "en"}
@@ -54,7 +54,7 @@ def install_form(state: State, inst: Installation, *, ts: int | None = None) -> 
 def uninstall_form(
     state: State, portal: Portal, application_token: str, *, clean: bool, ts: int | None = None
 ) -> list[tuple[str, str]]:
-    """ONAPPUNINSTALL (reference §5.4): no tokens, only the identifying auth keys."""
+    """ONAPPUNINSTALL (design §10.5): no tokens, only the identifying auth keys."""
     body = {
         "event": "ONAPPUNINSTALL",
         "data": {"LANGUAGE_ID": "en", "CLEAN": "1" if clean else "0"},

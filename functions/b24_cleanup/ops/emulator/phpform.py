@@ -1,7 +1,7 @@
 """PHP-style bracket keys (`auth[domain]=...`), both ways.
 
 Bitrix24 posts its events as `application/x-www-form-urlencoded` with nested data flattened into
-bracket keys, and parses `batch` sub-call query strings with PHP's `parse_str` (reference §5.1,
+bracket keys, and parses `batch` sub-call query strings with PHP's `parse_str` (design §10.5,
 §9). The emulator must speak that dialect exactly, so that the service's parser is tested against
 what a real portal produces, and so that parameters inside `batch` arrive as strings.
 """

@@ -1,7 +1,7 @@
 """`b24-cleanup emulator`: run the emulator alone, seeded, for local development against it.
 
 Prints addresses and ids only. Tokens and the client secret are fake but are still never
-printed (SPEC §7: the habit is what matters); they are served on loopback by the control URLs
+printed (design §7: the habit is what matters); they are served on loopback by the control URLs
 below, and available in Python through `Emulator.record_for`.
 """
 

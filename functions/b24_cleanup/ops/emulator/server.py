@@ -673,7 +673,7 @@ class Emulator:
     def record_for(
         self, installation: Installation, *, latest: bool = False, tokens: TokenPair | None = None
     ) -> dict[str, Any]:
-        """The SPEC §3 portal record of an installation, ready to store in SSM.
+        """The design §3 portal record of an installation, ready to store in SSM.
 
         Tokens: `tokens` if given, else the chain's newest pair when `latest`, else the pair the
         installation issued.

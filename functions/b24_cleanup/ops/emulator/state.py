@@ -4,7 +4,7 @@ One re-entrant lock guards all of it. Request handling takes the lock only for b
 method execution, never while sleeping (latency, injected timeouts), so that concurrent
 requests to different portals overlap in time as they would against real portals.
 
-Token rules (reference §7, §11):
+Token rules (design §10.7, §11):
 - a token is bound to one portal, one app, one user and one *generation* of the installation
   (a reinstall starts a new generation; tokens of the old one are unknown to the portal);
 - refresh tokens are single-use: a refresh marks the used one spent and its access token
@@ -44,9 +44,9 @@ from .models import (
 CHAOS_FAULTS = ("INTERNAL_SERVER_ERROR", "QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT", "timeout")
 TIMEOUT = "timeout"
 
-# HTTP status of each error the OAuth server may give for an uninstalled app (reference §7, §14).
+# HTTP status of each error the OAuth server may give for an uninstalled app (design §10.7, §14).
 _OAUTH_GONE_STATUS = {"invalid_grant": 400}
-# The resource limit (reference §10): per app and method, processing seconds summed over ten
+# The resource limit (design §10.10): per app and method, processing seconds summed over ten
 # one-minute buckets; above the limit the method answers 429 until the oldest bucket drops.
 OPERATING_LIMIT = 480.0
 _OPERATING_BUCKET = 60
@@ -73,7 +73,7 @@ class _Row:
         return (self.client_id, self.event, self.handler, self.user_id, self.connector_id)
 
     def as_item(self) -> dict[str, Any]:
-        """The `event.get` item shape of reference §3."""
+        """The `event.get` item shape of design §10.3."""
         if self.handler:
             return {"event": self.event, "handler": self.handler, "auth_type": str(self.user_id), "offline": 0}
         return {"event": self.event, "connector_id": self.connector_id, "offline": 1}
@@ -178,7 +178,7 @@ class Portal:
         self._level_at = time.monotonic()
         self._fail_next: list[_FailNext] = []
         self._fail_commands: list[_FailCommand] = []
-        # Operating time (reference §10, §15): seconds per (client_id, method) per minute bucket.
+        # Operating time (design §10.10, §15): seconds per (client_id, method) per minute bucket.
         self.operating_limit = OPERATING_LIMIT
         self.method_cost: dict[str, float] = {}  # simulated processing seconds billed per call
         self._operating: dict[tuple[str, str], dict[int, float]] = {}
@@ -197,7 +197,7 @@ class Portal:
 
     @property
     def domain(self) -> str:
-        """The host of `client_endpoint`, as SPEC §3 and §9 say a record's `domain` is."""
+        """The host of `client_endpoint`, as design §3 and §9 say a record's `domain` is."""
         return self._host
 
     @property
@@ -274,7 +274,7 @@ class Portal:
 
     # -- portal life -------------------------------------------------------------------------
     def rename(self, new_name: str) -> None:
-        """The portal moves to a new host: its old address answers 302 to the new one (reference §8)."""
+        """The portal moves to a new host: its old address answers 302 to the new one (design §10.8)."""
         self._state._rename(self, new_name)
 
     def expire_tokens(self, app: App) -> None:
@@ -306,7 +306,7 @@ class Portal:
         return rate, burst
 
     def _take(self) -> bool:
-        """Leaky bucket (reference §10): +1 per admitted request, draining `rate`/s.
+        """Leaky bucket (design §10.10): +1 per admitted request, draining `rate`/s.
 
         A request that would lift the level above `burst` is rejected and does *not* add to
         the level (so a client that backs off recovers at the documented drain rate).
@@ -534,9 +534,9 @@ class State:
             return Installation(portal, app, user_id, inst.application_token, pair, "ONAPPINSTALL", chain)
 
     def update(self, portal: Portal, app: App, user_id: int | None = None) -> Installation:
-        """An app update: a new `application_token` (reference §5.3) and a new token pair.
+        """An app update: a new `application_token` (design §10.5) and a new token pair.
 
-        Handler rows and earlier tokens stay valid (handlers are kept on update, reference §2).
+        Handler rows and earlier tokens stay valid (handlers are kept on update, design §10.2).
         """
         with self.lock:
             inst = self._installed(portal, app)
@@ -698,7 +698,7 @@ class State:
                 return Reply.error(err, **log)
             finished = time.time()
             # A batch is billed to `batch` as one request, its sub-commands' work included, and
-            # nothing to the sub-commands' methods (b24jssdk PR #539, reference §15).
+            # nothing to the sub-commands' methods (b24jssdk PR #539, design §10.15).
             billed = (finished - started) + portal.method_cost.get(method, 0.0)
             if method == "batch":
                 names = methods.batch_command_names(params)[: methods.BATCH_MAX_LENGTH]
@@ -709,7 +709,7 @@ class State:
             return Reply(200, {"result": result, "time": timing}, log=log)
 
     def _authenticate(self, portal: Portal, token: str | None) -> methods.Caller:
-        """The portal-side token check, in the order of reference §11."""
+        """The portal-side token check, in the order of design §10.11."""
         if not token:
             raise ApiError("NO_AUTH_FOUND", None, 401)  # only when no token came at all
         rec = self._access.get(token)
@@ -728,7 +728,7 @@ class State:
 
     # -- OAuth server ------------------------------------------------------------------------
     def oauth(self, http_method: str, query: dict[str, Any]) -> Reply:
-        """`GET /oauth/token/?grant_type=refresh_token&...` (reference §7)."""
+        """`GET /oauth/token/?grant_type=refresh_token&...` (design §10.7)."""
         q = {str(k): methods.text(v) for k, v in query.items()}
         log: dict[str, Any] = {"method": q.get("grant_type") or None, "params_keys": sorted(q)}
         if http_method != "GET":
@@ -738,7 +738,7 @@ class State:
                 return Reply.error(ApiError("invalid_request", "Unsupported grant_type"), **log)
             app = self.apps.get(q.get("client_id", ""))
             if app is None:
-                # An unknown client_id is refused with HTTP 200 (reference §15, b24pysdk's live tests).
+                # An unknown client_id is refused with HTTP 200 (design §10.15, b24pysdk's live tests).
                 return Reply.error(ApiError("wrong_client", None, 200), **log)
             if not hmac.compare_digest(q.get("client_secret", "").encode(), app.client_secret.encode()):
                 return Reply.error(ApiError("invalid_client", None, 400), **log)
