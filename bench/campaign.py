@@ -5,8 +5,9 @@
 Everything runs on loopback: the project's Bitrix24 emulator and moto in-process (the sandbox), with
 the real Lambda handlers. Portals get mixed handler sets (declared, orphans under several auth
 types, offline rows, a 60-orphan portal, expired and silently expired tokens, revoked portals,
-licence-locked rows, genuine and spoofed uninstall events, and a few portals that fail every
-attempt). Then the emulator fails a random `--fault-rate` of REST requests (500, 503
+licence-locked rows, genuine uninstall events, forged ones with a wrong token and forged ones
+carrying the portal's genuine, leaked application_token while the app is installed, and a few
+portals that fail every attempt). Then the emulator fails a random `--fault-rate` of REST requests (500, 503
 QUERY_LIMIT_EXCEEDED, 429 OPERATION_TIME_LIMIT, 503 OVERLOAD_LIMIT, dropped connections) and
 botocore hooks fail `--aws-fault-rate` of the SSM and SQS calls the handlers make (throttling, 5xx,
 reset connections, and replies lost after the call took effect). Scheduler → queue → worker runs
@@ -17,6 +18,7 @@ each a function registered with @check; a new rule is one more function):
 - every portal job ended with the outcome its portal was built for, or is in the DLQ (none dropped);
 - no declared handler was unbound; no portal reported cleaned/clean still holds an orphan;
 - every stored refresh token still works at the emulator (refreshed once, at the very end);
+- no forged uninstall carrying a leaked application_token wiped its live portal (record, declared rows);
 - the EMF metrics add up: PortalsProcessed = the outcome counters + the `clean` jobs;
 - no token, refresh token, client secret or application token appears in anything printed.
 It prints what happened and exits 1 when an invariant is broken.
@@ -97,7 +99,8 @@ MAX_RECEIVES = 5  # the sandbox queue's maxReceiveCount, as in template.yaml
 #   revoked_due   the same with an expired record: OAuth says invalid_grant sweep: revoked
 #   locked        an offline orphan under a connector the plan forbids      sweep: incomplete
 #   uninstalled   genuine ONAPPUNINSTALL (tokens revoked)                   uninstall: revoked, sweep: skipped
-#   early         ONAPPUNINSTALL while the tokens still work                uninstall: cleaned, sweep: skipped
+#   leaked        ONAPPUNINSTALL forged with the portal's genuine (leaked)  uninstall: skipped (unconfirmed),
+#                 application_token while the app is installed              sweep: cleaned
 #   doomed        every unbind command fails (transient)                    sweep: in the DLQ
 #   doomed_get    every event.get fails (transient)                         sweep: in the DLQ
 KINDS: tuple[tuple[str, float, int], ...] = (
@@ -110,7 +113,7 @@ KINDS: tuple[tuple[str, float, int], ...] = (
     ("revoked_due", 0.025, 1),
     ("locked", 0.02, 1),
     ("uninstalled", 0.03, 1),
-    ("early", 0.02, 1),
+    ("leaked", 0.03, 2),
     ("doomed", 0.01, 1),
     ("doomed_get", 0.01, 1),
 )
@@ -124,14 +127,19 @@ EXPECT: dict[str, dict[str, frozenset[str]]] = {
     "revoked_due": {"sweep": frozenset({"revoked"})},
     "locked": {"sweep": frozenset({"incomplete"})},
     "uninstalled": {"uninstall": frozenset({"revoked"}), "sweep": frozenset({"skipped"})},
-    "early": {"uninstall": frozenset({"cleaned"}), "sweep": frozenset({"skipped"})},
+    "leaked": {"uninstall": frozenset({"skipped"}), "sweep": frozenset({"cleaned"})},
     "doomed": {"sweep": frozenset({DLQ})},
     "doomed_get": {"sweep": frozenset({DLQ})},
 }
 # Kinds whose app is still installed at the end and whose record must hold a live token chain.
-LIVE_KINDS = frozenset({"orphans", "tidy", "many", "expired", "stale_access", "locked", "doomed", "doomed_get"})
+LIVE_KINDS = frozenset(
+    {"orphans", "tidy", "many", "expired", "stale_access", "locked", "doomed", "doomed_get", "leaked"}
+)
 REVOKED_KINDS = frozenset({"revoked", "revoked_due"})
-UNINSTALL_KINDS = frozenset({"uninstalled", "early"})
+# Kinds whose ONAPPUNINSTALL is posted with the portal's genuine application_token: really uninstalled,
+# or forged by whoever holds a token leaked through a stale handler URL (design §1).
+UNINSTALL_KINDS = frozenset({"uninstalled", "leaked"})
+GONE_KINDS = frozenset({"uninstalled"})
 
 
 # ------------------------------------------------------------------------------------------ AWS faults
@@ -318,6 +326,8 @@ class CampaignReport:
     declared_rows: int = 0
     declared_lost: int = 0
     orphans_left_when_done: int = 0
+    forged_live: int = 0  # live portals sent a forged ONAPPUNINSTALL with their leaked application_token
+    wiped_by_forged: int = 0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     secrets_checked: int = 0
     secrets_leaked: int = 0
@@ -364,6 +374,8 @@ class CampaignReport:
             f"tokens verified: {self.tokens_verified}/{self.tokens_expected} stored refresh tokens still refresh",
             f"declared handlers lost: {self.declared_lost} (of {self.declared_rows} declared rows)",
             f"orphans left on portals reported cleaned/clean: {self.orphans_left_when_done}",
+            f"live portals wiped by forged uninstalls: {self.wiped_by_forged} (of {self.forged_live} sent an "
+            "ONAPPUNINSTALL carrying their genuine, leaked application_token)",
             *self.check_lines,
         ]
         for action, values in sorted(self.metrics.items()):
@@ -586,7 +598,8 @@ def run_campaign(
             faults.attach(runtime.store().client, runtime.sqs(), worker_store.client)
             box.emulator.chaos(config.fault_rate, seed=config.seed)
 
-            # Events reach the endpoint: genuine uninstalls, and forged ones.
+            # Events reach the endpoint: genuine uninstalls, forged ones carrying a leaked genuine token (the
+            # endpoint must accept them: only the worker can tell), and forged ones with a wrong token.
             for case in cases:
                 if case.kind in UNINSTALL_KINDS:
                     if case.kind == "uninstalled":
@@ -630,7 +643,7 @@ def _seed(box: Sandbox, rng: random.Random, config: CampaignConfig, report: Camp
     rng.shuffle(kinds)
     for i, kind in enumerate(kinds):
         rows = _declared_rows(rng)
-        if kind in ("orphans", "expired", "stale_access", "early", "doomed", "doomed_get", "locked"):
+        if kind in ("orphans", "expired", "stale_access", "leaked", "doomed", "doomed_get", "locked"):
             rows += _orphan_rows(rng)
         if kind == "many":
             rows += [{"event": "ONCRMDEALADD", "handler": f"https://u{n}.example.com/h"} for n in range(60)]
@@ -711,7 +724,7 @@ class Evidence:
 
     def staying(self) -> Iterator[Case]:
         """The portals whose app stays installed (not uninstalled through the endpoint)."""
-        return (case for case in self.cases if case.kind not in UNINSTALL_KINDS)
+        return (case for case in self.cases if case.kind not in GONE_KINDS)
 
 
 Checker = Callable[[Evidence], Iterable[str]]
@@ -837,17 +850,48 @@ def jobs_end_as_their_portal_was_built(ev: Evidence) -> Iterator[str]:
 
 @check
 def uninstalled_portals_are_gone(ev: Evidence) -> Iterator[str]:
-    """An uninstall job that reports cleaned/revoked left no row (the portal deletes them when it uninstalls
-    the app; with working tokens the job unbinds every owned handler) and, unless it is in the DLQ, no record."""
+    """A confirmed uninstall (revoked) left no row (the portal deletes them when it uninstalls the app) and,
+    unless it is in the DLQ, no record."""
     for case in ev.cases:
-        if case.kind not in UNINSTALL_KINDS:
+        if case.kind not in GONE_KINDS:
             continue
         outcome = ev.outcome(case, "uninstall")
         after = ev.rows_after(case)
-        if outcome in ("cleaned", "revoked") and after:
+        if outcome == "revoked" and after:
             yield f"{case.kind} portal {case.member_id}: {len(after)} rows left after the uninstall"
         if ev.record(case) is not None and outcome != DLQ:
             yield f"{case.kind} portal {case.member_id}: record kept after the uninstall job"
+
+
+# §7: "An ONAPPUNINSTALL whose tokens still work unbinds anything or deletes the record: the application_token
+# is no secret to the hosts behind stale handler URLs."
+
+
+@check
+def forged_uninstalls_wipe_nothing(ev: Evidence) -> Iterator[str]:
+    """A live portal sent a forged ONAPPUNINSTALL with its genuine application_token keeps its record (same
+    installation) and every declared row, and the uninstall job never claims it cleaned or revoked it."""
+    forged = [case for case in ev.cases if case.kind == "leaked"]
+    wiped = 0
+    for case in forged:
+        name = f"{case.kind} portal {case.member_id}"
+        record = ev.record(case)
+        problems = []
+        if record is None or record.application_token != case.application_token:
+            problems.append("record deleted or replaced")
+        if case.declared_before - ev.rows_after(case):
+            problems.append("declared rows unbound")
+        if ev.outcome(case, "uninstall") in ("cleaned", "revoked"):
+            problems.append(f"uninstall job ended {ev.outcome(case, 'uninstall')}")
+        if problems:
+            wiped += 1
+            yield f"{name}: wiped by a forged uninstall ({'; '.join(problems)})"
+    ev.report.forged_live = len(forged)
+    ev.report.wiped_by_forged = wiped
+    unconfirmed = ev.totals.get("uninstall", {}).get("UninstallUnconfirmed", 0)
+    skipped = sum(1 for case in forged if ev.outcome(case, "uninstall") == "skipped")
+    if unconfirmed != skipped:
+        yield f"uninstall: UninstallUnconfirmed {unconfirmed} != {skipped} forged uninstalls skipped"
 
 
 # §7: "A declared handler is unbound, or an orphan the held-orphan rules hold; an uninstall job removes a newer

@@ -42,6 +42,13 @@ CREDENTIALS_TTL = 300.0  # re-read the app's credentials at most every five minu
 # up to 10 jobs; see `new_invocation`) and at most this long: at 10k portals a read per job would
 # double the SSM reads, which share ~40/s per account with every other reader.
 DECLARED_TTL = 60.0
+# An uninstall's only confirmation is the portal's refusal; this code alone is a lapsed
+# subscription, not a removal (design §5 step 6).
+PAYMENT_REQUIRED = "PAYMENT_REQUIRED"
+UNCONFIRMED_REASON = (
+    "unconfirmed: the portal still answers this app's tokens, so the ONAPPUNINSTALL was forged with a "
+    "leaked application_token, replayed or early; nothing unbound, the record kept"
+)
 
 
 @dataclass
@@ -203,16 +210,17 @@ class Engine:
             result.rate_limited = client.stats.rate_limited
             result.refreshed = keeper.refreshed
 
-        if result.outcome in (Outcome.CLEANED, Outcome.CLEAN):
-            if job.action is Action.UNINSTALL:
-                self._forget(job.member_id, started_token, result)
-            elif keeper.record.revoked_at is not None and not self.dry_run:
-                # Reached successfully: the portal is not revoked after all (design §5 step 8). On a
-                # fresh read, so that a pair the app's backend stored meanwhile is kept.
-                self.store.modify(job.member_id, lambda current: current.data.pop("revoked_at", None) is not None)
+        reached = result.outcome in (Outcome.CLEANED, Outcome.CLEAN)
+        if reached and keeper.record.revoked_at is not None and not self.dry_run:
+            # Reached successfully: the portal is not revoked after all (design §5 step 8). On a
+            # fresh read, so that a pair the app's backend stored meanwhile is kept.
+            self.store.modify(job.member_id, lambda current: current.data.pop("revoked_at", None) is not None)
 
     def _clean(self, job: Job, declared: DeclaredSet | None, client: PortalClient, result: JobResult) -> None:
         """design §5 steps 4-7: plan from `event.get`, unbind the orphans, conclude the outcome."""
+        if job.action is Action.UNINSTALL:
+            self._unconfirmed(job, client, result)
+            return
         commands = unbind_commands(self._plan(declared, client, result).orphans)
         if self.dry_run:
             result.unbound = len(result.orphans)  # what *would* be unbound: every orphan row
@@ -221,6 +229,20 @@ class Engine:
         elif commands:
             self._unbind(job.member_id, commands, client, result)
         _conclude(result, had_orphans=bool(commands))
+
+    @staticmethod
+    def _unconfirmed(job: Job, client: PortalClient, result: JobResult) -> None:
+        """Step 6: an uninstall never unbinds, and `event.get` answering at all proves the app installed.
+
+        The event itself proves nothing: Bitrix24 posts the same `member_id` and
+        `application_token` with every event to every URL the app ever bound, stale hosts
+        included. So only the portal's refusal (RevokedError, in `_revoked`) confirms an
+        uninstall; a portal that still answers keeps everything, and the sweep goes on as before.
+        """
+        client.call("event.get")
+        result.outcome, result.unconfirmed = Outcome.SKIPPED, True
+        result.reason = UNCONFIRMED_REASON
+        log.warning("uninstall of %s unconfirmed: %s", job.member_id, UNCONFIRMED_REASON)
 
     @staticmethod
     def _plan(declared: DeclaredSet | None, client: PortalClient, result: JobResult) -> Plan:
@@ -265,25 +287,34 @@ class Engine:
         result.outcome = Outcome.REVOKED
         source = "the OAuth server" if exc.method == "oauth" else "the portal"
         result.reason = f"revoked: {exc.code} from {source}" + (f" ({exc.description})" if exc.description else "")
+        if job.action is Action.UNINSTALL and exc.code.upper() == PAYMENT_REQUIRED:
+            # A lapsed subscription is not a removal: mark it as a sweep would, the grace decides.
+            result.reason += "; PAYMENT_REQUIRED alone does not confirm an uninstall, the grace period decides"
         if self.dry_run:
             return
-        if job.action is Action.UNINSTALL:
-            self._forget(job.member_id, started_token, result)
+        if job.action is Action.UNINSTALL and exc.code.upper() != PAYMENT_REQUIRED:
+            self._forget(job.member_id, started_token, record, result)  # confirmed (design §5 step 6)
             return
         now = int(self.clock())
         revoked_at = record.revoked_at
         if revoked_at is None:
             self.store.modify(job.member_id, lambda current: _mark_revoked(current, record, started_token, now))
         elif now - revoked_at >= self.grace_days * DAY:
-            self._forget(job.member_id, started_token, result)
+            self._forget(job.member_id, started_token, record, result)
 
-    def _forget(self, member_id: str, application_token: str, result: JobResult) -> None:
-        """Delete the record, but never a newer installation's (design §5 step 6)."""
+    def _forget(self, member_id: str, application_token: str, seen: PortalRecord, result: JobResult) -> None:
+        """Delete the record, but only the one this job's evidence is about (design §5 steps 6, 8).
+
+        A new `application_token` is a newer installation; a new refresh token means someone
+        moved the chain on since the job saw it refused, so the portal is in use: keep either.
+        """
         if self.dry_run:
             return
-        result.record_deleted = self.store.delete_if_token(member_id, application_token)
+        result.record_deleted = self.store.delete_if(
+            member_id, lambda current: _same_token(current, application_token) and _same_pair(current, seen)
+        )
         if not result.record_deleted:
-            log.info("record of %s kept: it changed (reinstalled) or is already gone", member_id)
+            log.info("record of %s kept: it changed (reinstalled or refreshed) or is already gone", member_id)
 
 
 @dataclass
@@ -371,6 +402,10 @@ def _moved(record: PortalRecord, client_endpoint: str) -> bool:
         return False
     record.set_client_endpoint(client_endpoint)
     return True
+
+
+def _same_pair(record: PortalRecord, seen: PortalRecord) -> bool:
+    return hmac.compare_digest(record.refresh_token.encode(), seen.refresh_token.encode())
 
 
 def _same_token(record: PortalRecord, token: str | None) -> bool:

@@ -110,6 +110,7 @@ class JobResult:
     rest_calls: int = 0
     rate_limited: int = 0
     declared_set_invalid: bool = False
+    unconfirmed: bool = False  # an uninstall whose tokens still work (design §5 step 6)
     reason: str = ""  # why skipped / revoked evidence / what failed; never a secret
     orphans: list[dict[str, Any]] = field(default_factory=list)
     missing_handlers: list[dict[str, Any]] = field(default_factory=list)
@@ -129,6 +130,7 @@ class JobResult:
             "RestCalls": self.rest_calls,
             "RateLimited": self.rate_limited,
             "DeclaredSetInvalid": int(self.declared_set_invalid),
+            "UninstallUnconfirmed": int(self.unconfirmed),
         }
         counter = OUTCOME_METRIC[self.outcome]
         if counter:
@@ -153,4 +155,5 @@ class JobResult:
             "rate_limited": self.rate_limited,
             "reason": self.reason,
             "record_deleted": self.record_deleted,
+            "unconfirmed": self.unconfirmed,
         }

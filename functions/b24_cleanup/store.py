@@ -177,10 +177,19 @@ class PortalStore:
 
         Returns False (and deletes nothing) when the record is gone or belongs to a newer install.
         """
+        return self.delete_if(
+            member_id,
+            lambda current: hmac.compare_digest(current.application_token.encode(), (application_token or "").encode()),
+        )
+
+    def delete_if(self, member_id: str, condition: Callable[[PortalRecord], bool]) -> bool:
+        """Delete the record only if `condition` holds for a fresh read of it.
+
+        False (nothing deleted) when the record is gone or `condition` declines. SSM has no
+        conditional delete: the window is one read-delete round trip (the DynamoDB store closes it).
+        """
         current = self.get(member_id)
-        if current is None or not hmac.compare_digest(
-            current.application_token.encode(), (application_token or "").encode()
-        ):
+        if current is None or not condition(current):
             return False
         return self.delete(member_id)
 

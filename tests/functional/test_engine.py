@@ -55,29 +55,30 @@ def test_uninstall_on_revoked_portal_deletes_the_record(box: Sandbox) -> None:
     assert rest_calls(box, seeded.member_id) == 1
 
 
-def test_uninstall_with_working_tokens_unbinds_everything_on_budget(box: Sandbox) -> None:
+def test_sweep_unbinds_every_orphan_on_budget(box: Sandbox) -> None:
     rows = []
     for i in range(20):  # 20 URLs x 3 auth_types: one command per pair
         rows += [{"event": "ONCRMLEADADD", "handler": f"{OLD_URL}/{i}", "user_id": u} for u in (0, 1, 2)]
     rows += [{"event": "ONCRMDEALADD", "handler": f"https://u{i}.example.com/h"} for i in range(60)]
     rows += [
-        {"event": "ONCRMDEALUPDATE", "offline": True},
-        {"event": "ONCRMDEALUPDATE", "offline": True, "connector_id": "erp"},
+        {"event": "ONCRMDEALUPDATE", "offline": True},  # declared offline: kept
         {"event": "ONCRMLEADUPDATE", "offline": True},
+        {"event": "ONCRMLEADDELETE", "offline": True},
+        {"event": "ONCRMLEADUPDATE", "offline": True, "connector_id": "erp"},
     ]
     seeded = box.add_portal("full.bitrix24.test", handlers=rows)
 
-    result = make_engine(box).run(uninstall_job(seeded))
+    result = make_engine(box).run(sweep_job(seeded))
 
     pairs, offline_plain, offline_keyed = 20 + 60, 2, 1  # p, f, g of design §5's budget
     assert result.outcome is Outcome.CLEANED
-    assert result.found == 123
+    assert result.found == 124
     assert result.unbound == 123
-    assert seeded.portal.handlers(box.app) == []
+    assert [r["event"] for r in seeded.portal.handlers(box.app)] == ["ONCRMDEALUPDATE"]
     budget = 1 + math.ceil((pairs + offline_plain) / 50) + offline_keyed
     assert result.rest_calls == budget == rest_calls(box, seeded.member_id)
     assert rest_calls(box, seeded.member_id, "batch") == 2
-    assert box.record(seeded.member_id) is None
+    assert box.record(seeded.member_id) is not None
 
 
 def test_stale_uninstall_touches_nothing(box: Sandbox) -> None:
@@ -254,12 +255,12 @@ def test_permanent_command_failure_ends_incomplete(box: Sandbox) -> None:
     seeded = box.add_portal("licence.bitrix24.test", handlers=rows)
     seeded.portal.license_auth_connector = False  # unbinding a connector's queue: WRONG_LICENSE
 
-    result = make_engine(box).run(uninstall_job(seeded))
+    result = make_engine(box).run(sweep_job(seeded))
 
     assert result.outcome is Outcome.INCOMPLETE
     assert result.unbound == 3 and result.unbind_failed == 1
     assert result.failures[0]["error"] == "WRONG_LICENSE"
-    assert box.record(seeded.member_id) is not None  # an incomplete uninstall keeps the record
+    assert box.record(seeded.member_id) is not None
     assert result.metrics()["PortalsIncomplete"] == 1
 
 
@@ -429,7 +430,7 @@ def test_dry_run_unbinds_nothing_and_writes_only_the_refresh(box: Sandbox) -> No
     box.emulator.uninstall(gone.portal, box.app)
     gone_before = box.record(gone.member_id).data
 
-    result = make_engine(box, dry_run=True).run(uninstall_job(seeded))
+    result = make_engine(box, dry_run=True).run(sweep_job(seeded))
     revoked = make_engine(box, dry_run=True).run(sweep_job(gone))
 
     assert result.outcome is Outcome.CLEANED and result.unbound == 4 and result.dry_run

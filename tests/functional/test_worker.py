@@ -48,12 +48,14 @@ def test_sample_events_run_through_the_worker(box: Sandbox, lambda_context: Any,
     removed = worker.lambda_handler(load_event("worker_uninstall.json"), lambda_context)
 
     assert swept == removed == {"batchItemFailures": []}
-    assert box.record(MEMBER_ID) is None  # the uninstall job removed the credentials
+    # The tokens still work, so the uninstall is unconfirmed: it unbinds nothing, keeps the record.
+    assert box.record(MEMBER_ID) is not None
     blobs = emf_blobs(capsys.readouterr().out)
     by_action = {b["action"]: b for b in blobs}
     assert set(by_action) == {"sweep", "uninstall"}
     assert by_action["sweep"]["PortalsCleaned"] == [1.0] and by_action["sweep"]["HandlersUnbound"] == [1.0]
-    assert by_action["uninstall"]["PortalsCleaned"] == [1.0] and by_action["uninstall"]["HandlersUnbound"] == [1.0]
+    assert by_action["uninstall"]["PortalsSkipped"] == [1.0] and by_action["uninstall"]["UninstallUnconfirmed"] == [1.0]
+    assert "HandlersUnbound" not in by_action["uninstall"]
     for blob in blobs:
         assert blob["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "B24Cleanup"
         assert blob["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["action"]]

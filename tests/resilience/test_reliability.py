@@ -23,7 +23,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
@@ -49,6 +49,7 @@ from b24_cleanup.ops.emulator import Emulator, payloads
 from b24_cleanup.ops.functionurl import FakeContext, function_url_event
 from b24_cleanup.ops.sandbox import Sandbox, drain
 from b24_cleanup.payload import MAX_BODY_BYTES, MAX_DEPTH, parse_event_body
+from b24_cleanup.record import PortalRecord
 from b24_cleanup.registration import register
 from b24_cleanup.store import PortalStore
 
@@ -143,7 +144,9 @@ def test_campaign_with_rest_and_aws_faults_keeps_every_invariant() -> None:
     assert report.final["sweep"][DLQ] >= 2
     for outcome in ("cleaned", "clean", "revoked", "skipped", "incomplete"):
         assert report.final["sweep"][outcome] > 0, outcome
-    assert report.final["uninstall"]["revoked"] and report.final["uninstall"]["cleaned"]
+    assert report.final["uninstall"]["revoked"] and report.final["uninstall"]["skipped"]
+    assert report.forged_live >= 2 and report.wiped_by_forged == 0
+    assert "live portals wiped by forged uninstalls: 0" in report.format()
     assert report.declared_rows > 100 and report.declared_lost == 0
     assert report.tokens_expected > 20 and report.tokens_verified == report.tokens_expected
     assert report.secrets_checked > 50 and report.secrets_leaked == 0
@@ -497,14 +500,14 @@ def test_a_stale_uninstall_racing_a_reinstall_keeps_the_new_record(box: Sandbox)
     body = parse_event_body(
         urlencode(payloads.install_form(box.emulator.state, inst)).encode(), "application/x-www-form-urlencoded"
     )
-    original = box.store.delete_if_token
+    original = box.store.delete_if
 
-    def delete_if_token(member_id: str, application_token: str) -> bool:
+    def delete_if(member_id: str, condition: Callable[[PortalRecord], bool]) -> bool:
         register(body, box.store, oauth_url=box.emulator.oauth_url)  # lands right before the delete
-        return original(member_id, application_token)
+        return original(member_id, condition)
 
     store = box.new_store()
-    store.delete_if_token = delete_if_token  # type: ignore[method-assign]
+    store.delete_if = delete_if  # type: ignore[method-assign]
     job = Job(Action.UNINSTALL, seeded.member_id, application_token=old_token, ts="1")
 
     result = run(Engine(store, options=PATIENT), job)
@@ -1202,8 +1205,9 @@ def test_the_worker_compares_application_tokens_in_constant_time(
     assert stale.outcome is Outcome.SKIPPED
     assert (token.encode(), WRONG_TOKEN.encode()) in compared  # the stale-uninstall check
     compared.clear()
+    box.emulator.uninstall(seeded.portal, box.app)  # only the portal's refusal confirms an uninstall
     done = run(engine, Job(Action.UNINSTALL, seeded.member_id, application_token=token, ts="2"))
-    assert done.outcome is Outcome.CLEANED and done.record_deleted
+    assert done.outcome is Outcome.REVOKED and done.record_deleted
     assert compared.count((token.encode(), token.encode())) >= 2  # the job's check and the guarded delete
 
 
