@@ -374,8 +374,6 @@ class CampaignReport:
             f"tokens verified: {self.tokens_verified}/{self.tokens_expected} stored refresh tokens still refresh",
             f"declared handlers lost: {self.declared_lost} (of {self.declared_rows} declared rows)",
             f"orphans left on portals reported cleaned/clean: {self.orphans_left_when_done}",
-            f"live portals wiped by forged uninstalls: {self.wiped_by_forged} (of {self.forged_live} sent an "
-            "ONAPPUNINSTALL carrying their genuine, leaked application_token)",
             *self.check_lines,
         ]
         for action, values in sorted(self.metrics.items()):
@@ -888,6 +886,10 @@ def forged_uninstalls_wipe_nothing(ev: Evidence) -> Iterator[str]:
             yield f"{name}: wiped by a forged uninstall ({'; '.join(problems)})"
     ev.report.forged_live = len(forged)
     ev.report.wiped_by_forged = wiped
+    ev.report.check_lines.append(
+        f"live portals wiped by forged uninstalls: {wiped} (of {len(forged)} sent an ONAPPUNINSTALL carrying "
+        "their genuine, leaked application_token)"
+    )
     unconfirmed = ev.totals.get("uninstall", {}).get("UninstallUnconfirmed", 0)
     skipped = sum(1 for case in forged if ev.outcome(case, "uninstall") == "skipped")
     if unconfirmed != skipped:

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.box(declared=campaign.DECLARED)
 ORPHAN = {"event": "ONCRMLEADADD", "handler": campaign.OLD}
 
 
-def _case(box: Sandbox, kind: str, *, orphan: bool = False) -> Case:
+def _case(box: Sandbox, kind: str, *, orphan: bool = False, name: str = "") -> Case:
     rows = [{"event": "ONCRMLEADADD", "handler": f"{campaign.APP}/events"}] + ([ORPHAN] if orphan else [])
-    seeded = box.add_portal(f"{kind.replace('_', '-')}.bitrix24.test", handlers=rows)
+    seeded = box.add_portal(f"{name or kind.replace('_', '-')}.bitrix24.test", handlers=rows)
     case = Case(kind, seeded.member_id, seeded.portal.domain, seeded.portal, seeded.installation.application_token)
     keys = campaign._rows(case, box)
     case.declared_before = {k for k in keys if campaign._is_declared(k)}
@@ -112,6 +112,24 @@ def test_a_stored_token_that_no_longer_refreshes_is_reported(box: Sandbox, evide
 
     assert len(broken) == 1 and broken[0].startswith(f"tidy portal {case.member_id}: stored refresh token refused")
     assert (evidence.report.tokens_verified, evidence.report.tokens_expected) == (0, 1)
+
+
+def test_a_forged_uninstall_that_wiped_a_live_portal_is_reported(box: Sandbox, evidence: Evidence) -> None:
+    kept, wiped = _case(box, "leaked"), _case(box, "leaked", name="leaked-wiped")
+    evidence.cases += [kept, wiped]
+    evidence.final[(kept.member_id, "uninstall")] = "skipped"
+    evidence.final[(wiped.member_id, "uninstall")] = "cleaned"  # what main before issue 13 did
+    evidence.totals = {"uninstall": {"UninstallUnconfirmed": 1}}
+    box.store.client.delete_parameter(Name=box.store.portal_name(wiped.member_id))
+
+    broken = _verdict(campaign.forged_uninstalls_wipe_nothing, evidence)
+
+    assert broken == [
+        f"leaked portal {wiped.member_id}: wiped by a forged uninstall (record deleted or replaced; "
+        "uninstall job ended cleaned)"
+    ]
+    assert (evidence.report.wiped_by_forged, evidence.report.forged_live) == (1, 2)
+    assert any(line.startswith("live portals wiped by forged uninstalls: 1") for line in evidence.report.check_lines)
 
 
 def test_a_checker_adds_its_line_to_the_summary(evidence: Evidence) -> None:
