@@ -42,10 +42,10 @@ REVOKED_CODES = frozenset(
 )
 # What the OAuth server answers for a refresh token that no longer works (design §10.7).
 OAUTH_GONE_CODES = frozenset({"INVALID_GRANT", "NOT_INSTALLED", "INVALID_CLIENT", "PAYMENT_REQUIRED"})
-# The OAuth server does not know the app's client_id (HTTP 200, design §10.15): a fault of our own
-# configuration, never evidence about one portal. Read as "gone", one wrong client_id would mark every
-# portal of the fleet revoked and delete every record once the grace ran out.
-WRONG_CLIENT_CODE = "WRONG_CLIENT"
+# Not `wrong_client` (HTTP 200: the OAuth server does not know the client_id, or the token is another
+# app's): that says nothing about the portal. Read as "gone", one wrong client_id would mark every
+# portal of the fleet revoked and delete every record after the grace; as a permanent error the job
+# ends `incomplete` (retried next night, nothing marked) and registration answers 401.
 TRANSIENT_CODES = frozenset(
     {
         "INTERNAL_SERVER_ERROR",

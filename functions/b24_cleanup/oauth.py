@@ -18,7 +18,7 @@ from . import (
     __version__,
     logsafety,  # noqa: F401 - imported for its effect: no secrets in DEBUG logs
 )
-from .errors import WRONG_CLIENT_CODE, ConfigError, PermanentError, TransientError, classify_oauth
+from .errors import ConfigError, PermanentError, TransientError, classify_oauth
 from .record import domain_of
 from .store import AppCredentials
 
@@ -119,8 +119,6 @@ class OAuthClient:
         # Some OAuth errors come with HTTP 200 (`wrong_client`, design §10.7).
         if body.get("error"):
             code = str(body["error"])
-            if code.upper() == WRONG_CLIENT_CODE:
-                raise ConfigError("the OAuth server does not know the app's client_id (wrong_client)")
             raise classify_oauth(code, response.status_code)(
                 code, _short(body.get("error_description")), status=response.status_code, method="oauth"
             )

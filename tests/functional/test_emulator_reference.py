@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from b24_cleanup.errors import ConfigError, InvalidGrantError
+from b24_cleanup.errors import InvalidGrantError, PermanentError
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops.emulator import App, Emulator, Installation, Portal
 from b24_cleanup.store import AppCredentials
@@ -136,9 +136,10 @@ def test_the_projects_oauth_client_fails_on_wrong_client_with_http_200(
         timeout=5,
     )
     assert (raw.status_code, raw.json()["error"]) == (200, "wrong_client")
-    # Our own misconfiguration, not evidence about the portal: a ConfigError, never the "gone" path.
-    with pytest.raises(ConfigError, match="wrong_client"):
+    # Not evidence about the portal (design §5 step 7 lists no wrong_client): permanent, never "gone".
+    with pytest.raises(PermanentError) as refused:
         stranger.refresh(emu.oauth_url, inst.refresh_token)
+    assert (refused.value.code, refused.value.status) == ("wrong_client", 200)
 
     wrong_secret = OAuthClient(AppCredentials(inst.app.client_id, "not-the-secret"))
     with pytest.raises(InvalidGrantError) as caught:

@@ -328,8 +328,8 @@ def test_expired_token_is_refreshed_and_persisted_before_use(box: Sandbox) -> No
         OAuthClient(box.store.app_credentials()).refresh(box.emulator.oauth_url, old.refresh_token)
 
 
-def test_a_wrong_client_id_fails_the_jobs_and_never_marks_a_portal_revoked(box: Sandbox) -> None:
-    """wrong_client (HTTP 200) is our configuration, not the portal's word: retry, never "gone"."""
+def test_a_wrong_client_id_leaves_the_job_incomplete_and_never_marks_a_portal_revoked(box: Sandbox) -> None:
+    """wrong_client (HTTP 200) is no word about the portal: never "gone", nothing marked or deleted."""
     seeded = box.add_portal("cfg.bitrix24.test", handlers=_orphans(1), expired=True)
     before = box.record(seeded.member_id)
     box.store.client.put_parameter(
@@ -339,12 +339,11 @@ def test_a_wrong_client_id_fails_the_jobs_and_never_marks_a_portal_revoked(box: 
         Overwrite=True,
     )
 
-    with pytest.raises(JobFailedError) as failed:
-        make_engine(box).run(sweep_job(seeded))
+    result = make_engine(box).run(sweep_job(seeded))
 
-    assert failed.value.result.outcome is Outcome.FAILED and "wrong_client" in failed.value.result.reason
-    after = box.record(seeded.member_id)
-    assert after.data == before.data  # no revoked_at, the pair untouched (the server spent nothing)
+    assert result.outcome is Outcome.INCOMPLETE and "wrong_client" in result.reason
+    assert not result.record_deleted
+    assert box.record(seeded.member_id).data == before.data  # no revoked_at; the pair untouched
     assert rest_calls(box, seeded.member_id) == 0
 
 

@@ -67,7 +67,7 @@ def test_rate_limited_is_transient() -> None:
         ("invalid_grant", 400, InvalidGrantError),
         ("NOT_INSTALLED", 401, InvalidGrantError),
         ("invalid_client", 401, InvalidGrantError),
-        ("wrong_client", 200, InvalidGrantError),
+        ("wrong_client", 200, PermanentError),
         ("PAYMENT_REQUIRED", 402, InvalidGrantError),
         ("invalid_request", 400, PermanentError),
         ("whatever", 503, TransientError),
