@@ -127,6 +127,7 @@ class Ledger:
     first_seen: Mapping[str, int] = field(default_factory=dict)
     broken: bool = False
     problem: str = ""  # why it is broken, for the log (never the content)
+    unknown: bool = False  # the read failed: the stored ledger may be fine, so it is never replaced
 
     @classmethod
     def parse(cls, text: str | None) -> Ledger:
@@ -152,8 +153,8 @@ class Ledger:
 
     @classmethod
     def unreadable(cls, problem: str) -> Ledger:
-        """A ledger whose read failed: holds everything, like a broken one."""
-        return cls(broken=True, problem=problem)
+        """A ledger whose read failed: holds everything, like a broken one, but is not replaced."""
+        return cls(broken=True, problem=problem, unknown=True)
 
     def to_text(self) -> str:
         """The parameter value, compact and sorted (a stable text: equal ledgers, equal values)."""
