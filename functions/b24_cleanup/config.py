@@ -20,6 +20,10 @@ DEFAULT_SSM_WRITE_RATE = 3.0
 DEFAULT_WORKER_CONCURRENCY = 5
 MAX_SWEEP_EVERY_NIGHTS = 30
 STORES = ("ssm", "dynamodb")
+DEFAULT_ORPHAN_GRACE_DAYS = 2
+# A grace longer than SSM keeps the declared set's history (100 versions) is rarely meaningful,
+# but a year is the most that is still plausibly a decision rather than a typo.
+MAX_ORPHAN_GRACE_DAYS = 365
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -47,6 +51,17 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name} must be true or false, not {value!r}")
 
 
+def _days(env: Mapping[str, str], name: str, default: int, maximum: int) -> int:
+    text = env.get(name, "").strip() or str(default)
+    try:
+        days = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number of days, not {text!r}") from None
+    if not 0 <= days <= maximum:
+        raise ConfigError(f"{name} must be between 0 and {maximum} days, not {days}")
+    return days
+
+
 @dataclass(frozen=True)
 class Settings:
     ssm_prefix: str
@@ -61,6 +76,7 @@ class Settings:
     ssm_write_rate: float = DEFAULT_SSM_WRITE_RATE  # B24_SSM_WRITE_RATE, all workers together
     worker_concurrency: int = DEFAULT_WORKER_CONCURRENCY  # B24_WORKER_CONCURRENCY
     sweep_every_nights: int = 1  # B24_SWEEP_EVERY_NIGHTS
+    orphan_grace_days: int = DEFAULT_ORPHAN_GRACE_DAYS  # SPEC §3 held orphans; 0 = at once
 
     @property
     def ssm_write_share(self) -> float:
@@ -89,6 +105,7 @@ class Settings:
         every = int(_number(env, "B24_SWEEP_EVERY_NIGHTS", 1, whole=True))
         if every > MAX_SWEEP_EVERY_NIGHTS:
             raise ConfigError(f"B24_SWEEP_EVERY_NIGHTS must be at most {MAX_SWEEP_EVERY_NIGHTS}, not {every}")
+        orphan_grace = _days(env, "B24_ORPHAN_GRACE_DAYS", DEFAULT_ORPHAN_GRACE_DAYS, MAX_ORPHAN_GRACE_DAYS)
         return cls(
             ssm_prefix=prefix,
             queue_url=env.get("B24_QUEUE_URL", "").strip() or None,
@@ -102,6 +119,7 @@ class Settings:
             ssm_write_rate=_number(env, "B24_SSM_WRITE_RATE", DEFAULT_SSM_WRITE_RATE),
             worker_concurrency=int(_number(env, "B24_WORKER_CONCURRENCY", DEFAULT_WORKER_CONCURRENCY, whole=True)),
             sweep_every_nights=every,
+            orphan_grace_days=orphan_grace,
         )
 
     def store(self) -> PortalStore:

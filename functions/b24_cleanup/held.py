@@ -30,7 +30,6 @@ from .errors import InvalidDeclaredSet
 from .planner import DeclaredHandler, DeclaredSet, HandlerRow
 
 DAY = 86400
-DEFAULT_ORPHAN_GRACE_DAYS = 2
 # SPEC §3: keys not seen for 60 days may be dropped. The ledger only stores first-seen times, so
 # "not seen" is judged by one writer: a key older than this that the writer did not see itself.
 # Dropping a key that is still an orphan somewhere only makes it wait one more grace (it is

@@ -47,6 +47,7 @@ SPEC_ENV = {
     "B24_OAUTH_URL",
     "B24_DRY_RUN",
     "B24_REVOKED_GRACE_DAYS",
+    "B24_ORPHAN_GRACE_DAYS",
     "B24_ACCEPT_INSTALL",
     "B24_SSM_WRITE_RATE",
     "B24_WORKER_CONCURRENCY",
@@ -63,7 +64,7 @@ SPEC_METRICS = {
     "UninstallAccepted", "UninstallRejected", "PortalsEnqueued", "PortalsProcessed", "PortalsCleaned",
     "PortalsRevoked", "PortalsFailed", "PortalsSkipped", "PortalsIncomplete", "HandlersFound",
     "HandlersUnbound", "HandlersKept", "HandlersMissing", "UnbindFailed", "TokensRefreshed", "RestCalls",
-    "RateLimited", "DeclaredSetInvalid", "InstallsRegistered", "InstallsRejected",
+    "RateLimited", "DeclaredSetInvalid", "InstallsRegistered", "InstallsRejected", "HandlersHeld",
 }  # fmt: skip
 SPEC_ACTIONS = {"uninstall", "sweep", "endpoint", "scheduler"}
 
@@ -95,6 +96,7 @@ PARAM_ARN = "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:paramete
 PORTALS = f"{PARAM_ARN}/portals/*"
 CREDENTIALS = f"{PARAM_ARN}/app/credentials"
 HANDLERS = f"{PARAM_ARN}/app/handlers"
+ORPHANS = f"{PARAM_ARN}/app/orphans"
 WORK_QUEUE = "GetAtt:WorkQueue.Arn"
 KMS_KEY = "Ref:SsmKmsKeyArn"
 KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -346,6 +348,9 @@ def _expected_grants(scenario: str) -> dict[str, set[tuple[str, str]]]:
         ("ssm:DeleteParameter", PORTALS),
         ("ssm:GetParameter", CREDENTIALS),
         ("ssm:GetParameter", HANDLERS),
+        ("ssm:GetParameterHistory", HANDLERS),
+        ("ssm:GetParameter", ORPHANS),
+        ("ssm:PutParameter", ORPHANS),
         ("ssm:DescribeParameters", "*"),
     }
     if kms:
@@ -441,7 +446,7 @@ def _check_statement(stmt: dict[str, Any], where: str) -> None:
         if service == "ssm" and action != "ssm:DescribeParameters":
             for key in keys:
                 assert key.startswith(PARAM_ARN + "/"), f"{where}: SSM resource outside the prefix: {key}"
-                assert key in {PORTALS, CREDENTIALS, HANDLERS}, f"{where}: unexpected SSM resource {key}"
+                assert key in {PORTALS, CREDENTIALS, HANDLERS, ORPHANS}, f"{where}: unexpected SSM resource {key}"
         if service == "sqs":
             assert keys == [WORK_QUEUE], f"{where}: SQS beyond the work queue: {keys}"
         if service == "dynamodb":
@@ -569,11 +574,17 @@ def test_every_function_gets_the_spec_environment(template: dict[str, Any], scen
             assert env["B24_WORKER_CONCURRENCY"] == {"Ref": "WorkerMaxConcurrency"}
         if function == "SchedulerFunction":
             assert env["B24_SWEEP_EVERY_NIGHTS"] == {"Ref": "SweepEveryNights"}
+        if function == "WorkerFunction":
+            assert env["B24_ORPHAN_GRACE_DAYS"] == {"Ref": "OrphanGraceDays"}
+        else:
+            assert "B24_ORPHAN_GRACE_DAYS" not in env, "only the worker holds orphans"
     params = template["Parameters"]
     assert params["MetricsNamespace"]["Default"] == "B24Cleanup"
     assert params["DryRun"]["Default"] == "false"
     assert params["AcceptInstall"]["Default"] == "false"
     assert params["RevokedGraceDays"]["Default"] == 7
+    assert params["OrphanGraceDays"]["Default"] == 2
+    assert (params["OrphanGraceDays"]["MinValue"], params["OrphanGraceDays"]["MaxValue"]) == (0, 365)
     assert params["SsmPrefix"]["Default"] == "/b24-cleanup/prod"
 
 
@@ -659,6 +670,25 @@ def test_operational_alarms_exist(template: dict[str, Any]) -> None:
     assert rejected[0]["Period"] <= 300
 
 
+def test_held_alarm_compares_each_night_with_the_night_before(template: dict[str, Any]) -> None:
+    props = template["Resources"]["HandlersHeldJumpAlarm"]["Properties"]
+    (held,) = [q for q in props["Metrics"] if "MetricStat" in q]
+    (jump,) = [q for q in props["Metrics"] if "Expression" in q]
+    assert held["MetricStat"]["Metric"]["MetricName"] == "HandlersHeld"
+    assert held["MetricStat"]["Metric"]["Dimensions"] == [{"Name": "action", "Value": "sweep"}]
+    assert (held["MetricStat"]["Period"], held["MetricStat"]["Stat"]) == (86400, "Sum")
+    assert held["ReturnData"] is False and jump["ReturnData"] is True
+    assert jump["Expression"] == f"DIFF(FILL({held['Id']}, 0))"
+    # Two daily periods: DIFF needs the night before; CloudWatch allows up to 7 days for periods >= 1 h.
+    assert (props["EvaluationPeriods"], props["DatapointsToAlarm"]) == (2, 1)
+    assert props["EvaluationPeriods"] * held["MetricStat"]["Period"] <= 7 * 86400
+    assert props["ComparisonOperator"] == "GreaterThanThreshold"
+    assert props["Threshold"] == {"Ref": "HeldJumpThreshold"}
+    assert template["Parameters"]["HeldJumpThreshold"]["Default"] == 0
+    alarms = next(w for w in _dashboard(template)["widgets"] if w["type"] == "alarm")["properties"]["alarms"]
+    assert "<HandlersHeldJumpAlarm.Arn>" in alarms
+
+
 @pytest.mark.parametrize(
     ("scenario", "targets"),
     [
@@ -695,6 +725,8 @@ def test_dashboard_graphs_every_spec_metric_by_action(template: dict[str, Any]) 
         if widget["type"] != "metric":
             continue
         for row in widget["properties"]["metrics"]:
+            if len(row) == 1 and "expression" in row[0]:
+                continue  # a metric-math row: its inputs are rows of their own
             fields = [f for f in row if not isinstance(f, dict)]
             assert "." not in fields, f"write metric rows out in full: {row}"
             namespace, metric, *dimensions = fields

@@ -308,3 +308,19 @@ def test_split_keeps_a_pair_together_and_reports_held_pairs() -> None:
     assert pair["rows"] == 2 and pair["reason"] == "near_miss" and pair["near_miss_of"] == URL
     assert pair["until"] is None
     assert result.seen_keys == {row_key(typo_rows[0]), row_key(old)}
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def test_orphan_grace_days_default_and_validation() -> None:
+    from b24_cleanup.config import Settings
+    from b24_cleanup.errors import ConfigError
+
+    assert Settings.from_env({"B24_SSM_PREFIX": "/p"}).orphan_grace_days == 2
+    assert Settings.from_env({"B24_SSM_PREFIX": "/p", "B24_ORPHAN_GRACE_DAYS": " 0 "}).orphan_grace_days == 0
+    assert Settings.from_env({"B24_SSM_PREFIX": "/p", "B24_ORPHAN_GRACE_DAYS": "14"}).orphan_grace_days == 14
+    for bad in ("two", "-1", "1.5", "366"):
+        with pytest.raises(ConfigError, match="B24_ORPHAN_GRACE_DAYS") as info:
+            Settings.from_env({"B24_SSM_PREFIX": "/p", "B24_ORPHAN_GRACE_DAYS": bad})
+        assert bad.strip() in str(info.value)
