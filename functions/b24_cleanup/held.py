@@ -324,6 +324,7 @@ class Hold:
     declared_until: float | None = None
     first_seen: float | None = None
     note: str = ""  # e.g. "the orphan ledger is missing" (never a value from the ledger)
+    grace_days: int = 0
 
     def status(self) -> str:
         """The short form of the fleet table: `held: near miss of …`, `held: declared until …`."""
@@ -332,6 +333,8 @@ class Hold:
         if self.reason is HoldReason.DECLARED_WITHIN_GRACE:
             return f"held: declared until {stamp(self.declared_until)}, grace until {stamp(self.until)}"
         if self.reason is HoldReason.FIRST_SEEN_WITHIN_GRACE:
+            if self.note:  # first seen by this very decision: no time of its own to show yet
+                return f"held: first seen now ({self.note}; grace {self.grace_days} days)"
             return f"held: first seen {stamp(self.first_seen)}, grace until {stamp(self.until)}"
         return f"held: {self.note or 'the declared set history is unknown'}"
 
@@ -349,6 +352,7 @@ class Hold:
     def as_dict(self) -> dict[str, Any]:
         return {
             "reason": self.reason.value,
+            "status": self.status(),
             "until": _iso(self.until),
             "near_miss_of": self.near_miss_of,
             "declared_until": _iso(self.declared_until),
@@ -414,14 +418,23 @@ def decide(row: HandlerRow, declared: DeclaredSet, evidence: Evidence) -> Hold |
                 HoldReason.DECLARED_WITHIN_GRACE,
                 until_declared + evidence.grace,
                 declared_until=until_declared,
+                grace_days=evidence.grace_days,
             )
         )
     first = evidence.ledger.seen_at(row_key(row), now)
     if now - first < evidence.grace:
         note = evidence.ledger.problem if evidence.ledger.broken else ""
         if not evidence.ledger.broken and row_key(row) not in evidence.ledger.first_seen:
-            note = "first seen now"
-        holds.append(Hold(HoldReason.FIRST_SEEN_WITHIN_GRACE, first + evidence.grace, first_seen=first, note=note))
+            note = "not in the orphan ledger yet"
+        holds.append(
+            Hold(
+                HoldReason.FIRST_SEEN_WITHIN_GRACE,
+                first + evidence.grace,
+                first_seen=first,
+                note=note,
+                grace_days=evidence.grace_days,
+            )
+        )
     if not holds:
         return None
     return max(holds, key=lambda h: h.until or 0.0)

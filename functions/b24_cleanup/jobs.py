@@ -114,6 +114,9 @@ class JobResult:
     reason: str = ""  # why skipped / revoked evidence / what failed; never a secret
     orphans: list[dict[str, Any]] = field(default_factory=list)
     missing_handlers: list[dict[str, Any]] = field(default_factory=list)
+    # Held orphans (SPEC §3): one entry per held pair with its row count, reason and "until".
+    held: list[dict[str, Any]] = field(default_factory=list)
+    declared_rows: list[dict[str, Any]] = field(default_factory=list)  # the rows kept, for `plan`
     failures: list[dict[str, Any]] = field(default_factory=list)
     record_deleted: bool = False
 
@@ -131,11 +134,17 @@ class JobResult:
             "RateLimited": self.rate_limited,
             "DeclaredSetInvalid": int(self.declared_set_invalid),
             "UninstallUnconfirmed": int(self.unconfirmed),
+            "HandlersHeld": self.held_rows,
         }
         counter = OUTCOME_METRIC[self.outcome]
         if counter:
             values[counter] = 1
         return values
+
+    @property
+    def held_rows(self) -> int:
+        """Rows held, not unbound (SPEC §6 `HandlersHeld`)."""
+        return sum(int(pair.get("rows", 0)) for pair in self.held)
 
     def summary(self) -> dict[str, Any]:
         """A log- and JSON-friendly view (member id and counts; no token)."""
@@ -150,6 +159,7 @@ class JobResult:
             "kept": self.kept,
             "missing": self.missing,
             "unbind_failed": self.unbind_failed,
+            "held": self.held_rows,
             "refreshed": self.refreshed,
             "rest_calls": self.rest_calls,
             "rate_limited": self.rate_limited,

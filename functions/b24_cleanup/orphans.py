@@ -19,13 +19,14 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .held import DeclaredHistory, Evidence, Ledger, Version
+from .held import DeclaredHistory, Evidence, Ledger, Split, Version, split
+from .planner import DeclaredSet, HandlerRow
 
 if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
@@ -196,3 +197,36 @@ def _code(exc: Exception) -> str:
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", "error"))
     return type(exc).__name__
+
+
+def hold_orphans(
+    records: OrphanRecords,
+    declared: DeclaredSet,
+    orphans: Sequence[HandlerRow],
+    member_id: str,
+    *,
+    record: bool = True,
+) -> Split:
+    """Split one portal's orphans into the rows to unbind now and the held ones (SPEC §3).
+
+    Reads nothing when there is no orphan. Records the first-seen keys unless `record` is False
+    (a dry run or `plan` writes no ledger: they report what a sweep would hold, and a sweep
+    would record these keys as first seen tonight). Logs one line per portal with held rows:
+    every held pair's event, URL, reason and until when.
+    """
+    if not orphans:
+        return Split((), (), frozenset())
+    result = split(orphans, declared, records.evidence())
+    if record:
+        records.record(result.seen_keys)
+    if result.held:
+        pairs = result.held_pairs()
+        described = "; ".join(f"{p['event']} {p['handler'] or '(offline)'} x{p['rows']}: {p['detail']}" for p in pairs)
+        log.warning(
+            "%d orphan row(s) of %s held, not unbound: %s",
+            sum(p["rows"] for p in pairs),
+            member_id,
+            described,
+            extra={"held": pairs, "member_id": member_id},
+        )
+    return result

@@ -259,6 +259,11 @@ def test_a_url_first_seen_today_is_held_until_grace_after_it_was_first_seen() ->
     hold = decide(row, CURRENT, evidence(Ledger({})))  # not in the ledger: first seen now
     assert hold is not None and hold.reason is HoldReason.FIRST_SEEN_WITHIN_GRACE
     assert hold.first_seen == NOW and hold.until == NOW + 2 * DAY
+    # Portals planned a minute apart group under one status: a first sighting has no time yet.
+    later = decide(row, CURRENT, Evidence(2, NOW + 60, SETTLED, Ledger({})))
+    assert later is not None and later.status() == hold.status() == (
+        "held: first seen now (not in the orphan ledger yet; grace 2 days)"
+    )
     seen = Ledger({row_key(row): int(NOW - DAY)})
     assert decide(row, CURRENT, evidence(seen)).until == NOW + DAY  # type: ignore[union-attr]
     assert decide(row, CURRENT, evidence(Ledger({row_key(row): int(NOW - 2 * DAY)}))) is None
