@@ -571,7 +571,13 @@ def run_campaign(
     capture = _Capture()
     with (
         sandbox(prefix=config.prefix, declared=DECLARED, timeout_delay=config.timeout_delay) as box,
-        patched_environ(box.env(POWERTOOLS_METRICS_NAMESPACE="B24Cleanup", POWERTOOLS_SERVICE_NAME="b24-cleanup")),
+        patched_environ(
+            box.env(
+                POWERTOOLS_METRICS_NAMESPACE="B24Cleanup",
+                POWERTOOLS_SERVICE_NAME="b24-cleanup",
+                B24_ORPHAN_GRACE_DAYS="0",  # its orphans stand for long-known ones (the grace is over)
+            )
+        ),
         _captured(capture),
         collect_results() as results,
     ):
@@ -590,7 +596,8 @@ def run_campaign(
                 timeout=(1.0, config.read_timeout),
                 oauth_timeout=(1.0, config.read_timeout),
             )
-            runtime.use_engine(Engine(worker_store, options=options))  # what runtime.engine() hands out
+            # what runtime.engine() hands out; its orphans are long-known ones (grace over)
+            runtime.use_engine(Engine(worker_store, orphan_grace_days=0, options=options))
             faults = AwsFaults(config.aws_fault_rate, seed=config.seed, kinds=config.aws_fault_kinds)
             # The endpoint and the scheduler share the process's store and SQS client.
             faults.attach(runtime.store().client, runtime.sqs(), worker_store.client)

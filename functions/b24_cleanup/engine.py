@@ -23,13 +23,14 @@ from . import runtime
 from .client import DEFAULT_TIMEOUT as REST_TIMEOUT
 from .client import PortalClient
 from .commands import Command, CommandResult
-from .config import DEFAULT_GRACE_DAYS, Settings
+from .config import DEFAULT_GRACE_DAYS, DEFAULT_ORPHAN_GRACE_DAYS, Settings
 from .errors import ConfigError, InvalidDeclaredSetError, JobFailedError, PermanentError, RevokedError, TransientError
 from .jobs import Action, Job, JobResult, Outcome
 from .oauth import DEFAULT_TIMEOUT as OAUTH_TIMEOUT
 from .oauth import OAuthClient
+from .orphans import OrphanRecords, hold_orphans
 from .pacing import DEFAULT_BURST, DEFAULT_RATE, Backoff, BucketRegistry, RetryPolicy
-from .planner import DeclaredSet, Listing, Plan, plan, unbind_commands
+from .planner import DeclaredSet, HandlerRow, Listing, Plan, plan, unbind_commands
 from .record import PortalRecord
 from .store import AppCredentials, PortalStore
 from .tokens import DEFAULT_SETTLE_SECONDS, ChainState, TokenKeeper, check_usable
@@ -74,6 +75,7 @@ class Engine:
         oauth_url: str | None = None,
         dry_run: bool = False,
         grace_days: int = DEFAULT_GRACE_DAYS,
+        orphan_grace_days: int = DEFAULT_ORPHAN_GRACE_DAYS,
         options: EngineOptions | None = None,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
@@ -93,6 +95,8 @@ class Engine:
         self._credentials: tuple[float, AppCredentials] | None = None
         self._cache_lock = threading.Lock()
         self._declared: tuple[float, str | None] | None = None
+        # Held orphans (SPEC §3): the declared set's history and the orphan ledger, read like the set.
+        self.orphan_records = OrphanRecords(lambda: store.client, store.prefix, orphan_grace_days, clock=clock)
         self.settings: Settings | None = None  # what `from_settings` built it from
 
     @classmethod
@@ -102,6 +106,7 @@ class Engine:
             oauth_url=settings.oauth_url,
             dry_run=settings.dry_run,
             grace_days=settings.revoked_grace_days,
+            orphan_grace_days=settings.orphan_grace_days,
             **kwargs,  # type: ignore[arg-type]
         )
         engine.settings = settings
@@ -120,6 +125,7 @@ class Engine:
         """A new worker invocation: the next sweep job reads the declared set afresh."""
         with self._cache_lock:
             self._declared = None
+        self.orphan_records.new_invocation()
 
     def declared_set_text(self) -> str | None:
         """The declared set's raw text, read once per invocation and at most DECLARED_TTL old."""
@@ -217,11 +223,12 @@ class Engine:
             self.store.modify(job.member_id, lambda current: current.data.pop("revoked_at", None) is not None)
 
     def _clean(self, job: Job, declared: DeclaredSet | None, client: PortalClient, result: JobResult) -> None:
-        """design §5 steps 4-7: plan from `event.get`, unbind the orphans, conclude the outcome."""
+        """design §5 steps 4-7: plan from `event.get`, hold what must wait, unbind the rest, conclude."""
         if job.action is Action.UNINSTALL:
             self._unconfirmed(job, client, result)
             return
-        commands = unbind_commands(self._plan(declared, client, result).orphans)
+        orphans = self._hold(job, declared, self._plan(declared, client, result), result)
+        commands = unbind_commands(orphans)
         if self.dry_run:
             result.unbound = len(result.orphans)  # what *would* be unbound: every orphan row
             if commands:
@@ -252,11 +259,25 @@ class Engine:
         result.found = listing.found
         result.kept = len(planned.declared)
         result.missing = len(planned.missing)
+        result.declared_rows = [row.as_dict() for row in planned.declared]
         result.orphans = [row.as_dict() for row in planned.orphans]
         result.missing_handlers = [entry.as_dict() for entry in planned.missing]
         result.failures.extend(_unreadable(item) for item in listing.unreadable)
         result.unbind_failed += len(listing.unreadable)
         return planned
+
+    def _hold(self, job: Job, declared: DeclaredSet | None, planned: Plan, result: JobResult) -> tuple[HandlerRow, ...]:
+        """Step 4's held orphans (SPEC §3): the orphans to unbind now; the held ones go to `result.held`.
+
+        Sweeps only: an uninstall job unbinds nothing, so the rules have nothing to hold there. A
+        dry run (and `plan`) records no first-seen keys: it reports what tonight's sweep would hold.
+        """
+        if declared is None or not planned.orphans:
+            return planned.orphans
+        held = hold_orphans(self.orphan_records, declared, planned.orphans, job.member_id, record=not self.dry_run)
+        result.held = held.held_pairs()
+        result.orphans = [row.as_dict() for row in held.release]
+        return held.release
 
     @staticmethod
     def _unbind(member_id: str, commands: list[Command], client: PortalClient, result: JobResult) -> None:

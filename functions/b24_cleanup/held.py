@@ -26,7 +26,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import InvalidDeclaredSet
+from .errors import InvalidDeclaredSetError
 from .planner import DeclaredHandler, DeclaredSet, HandlerRow
 
 DAY = 86400
@@ -237,7 +237,7 @@ def declared_entries(text: str) -> tuple[DeclaredHandler, ...]:
     """
     try:
         return DeclaredSet.parse(text).handlers
-    except InvalidDeclaredSet:
+    except InvalidDeclaredSetError:
         pass
     try:
         document = json.loads(text)
@@ -250,7 +250,7 @@ def declared_entries(text: str) -> tuple[DeclaredHandler, ...]:
     for entry in entries:
         try:
             found.extend(DeclaredSet.parse(json.dumps({"handlers": [entry]})).handlers)
-        except (InvalidDeclaredSet, TypeError, ValueError):
+        except (InvalidDeclaredSetError, TypeError, ValueError):
             continue
     return tuple(found)
 

@@ -84,13 +84,13 @@ def test_plan_classifies_without_changing_anything(box: Sandbox) -> None:
     dirty, _ = seed_two(box)
     code, out, _ = run("plan", "--member-id", dirty.member_id)
     assert code == 0
-    assert "owned handler rows: 2 (declared 1, orphan 1)" in out
-    assert OLD_URL in out and "would be unbound" in out
+    assert "owned handler rows: 2 (declared 1, orphan 1, held 0)" in out
+    assert OLD_URL in out and "the sweep will unbind them" in out
     assert len(dirty.portal.handlers(box.app)) == 2
     code, out, _ = run("plan", "--member-id", dirty.member_id, "--json")
     data = json.loads(out)
     assert [o["handler"] for o in data["orphans"]] == [OLD_URL]
-    assert data["kept"] == 1
+    assert [d["handler"] for d in data["declared"]] == [APP_URL]
 
 
 @pytest.mark.parametrize(

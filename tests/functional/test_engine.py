@@ -24,6 +24,7 @@ pytestmark = pytest.mark.box(declared=DECLARED)
 
 def make_engine(box: Sandbox, **kwargs: object) -> Engine:
     kwargs.setdefault("options", FAST)
+    kwargs.setdefault("orphan_grace_days", 0)  # orphans may go at once here; test_held_orphans.py holds them
     return Engine(box.store, **kwargs)  # type: ignore[arg-type]
 
 

@@ -83,7 +83,7 @@ def test_reinstall_replaces_the_record_and_the_old_uninstall_is_skipped(box: San
     record = box.record(seeded.member_id)
     assert record.application_token == body["auth"]["application_token"] != old_token
     assert "custom" not in record.data and record.revoked_at is None  # an install starts afresh
-    stale = Engine(box.store, options=FAST).run(
+    stale = Engine(box.store, orphan_grace_days=0, options=FAST).run(
         Job(Action.UNINSTALL, seeded.member_id, application_token=old_token, ts="1")
     )
     assert stale.outcome is Outcome.SKIPPED

@@ -223,16 +223,16 @@ def test_worker_failure_paths_leak_nothing(box: Sandbox, seen: Seen) -> None:
     sqs.send_message(
         QueueUrl=box.queue_url, MessageBody="{not json", MessageGroupId="bad", MessageDeduplicationId="leak-bad"
     )
-    runtime.use_engine(Engine(box.store, options=SHORT_TIMEOUTS))
+    runtime.use_engine(Engine(box.store, orphan_grace_days=0, options=SHORT_TIMEOUTS))
     drain(sqs, box.queue_url, worker.lambda_handler, FakeContext())
 
     # The same failures raised directly, as the CLI and the app's own code see them.
-    engine = Engine(box.store, options=SHORT_TIMEOUTS)
+    engine = Engine(box.store, orphan_grace_days=0, options=SHORT_TIMEOUTS)
     for seeded in (flaky, slow, blocked):
         failed = seen.expect(JobFailedError, lambda s=seeded: engine.run(Job(Action.SWEEP, s.member_id)))
         assert failed.result.outcome is Outcome.FAILED
     expired = box.add_portal("expired.bitrix24.test", expired=True)
-    dead = Engine(box.store, oauth_url=DEAD_OAUTH, options=SHORT_TIMEOUTS)
+    dead = Engine(box.store, orphan_grace_days=0, oauth_url=DEAD_OAUTH, options=SHORT_TIMEOUTS)
     failed = seen.expect(JobFailedError, lambda: dead.run(Job(Action.SWEEP, expired.member_id)))
     assert "OAUTH_UNREACHABLE" in str(failed)
     seen.expect(
@@ -398,7 +398,7 @@ def test_debug_logging_leaks_nothing(box: Sandbox, capfd: pytest.CaptureFixture[
         MessageGroupId=seeded.member_id,
         MessageDeduplicationId="debug",
     )
-    runtime.use_engine(Engine(box.store, options=SHORT_TIMEOUTS))
+    runtime.use_engine(Engine(box.store, orphan_grace_days=0, options=SHORT_TIMEOUTS))
     root = logging.getLogger()
     records = _Records()
     # Only this handler sees the DEBUG records: the session guard and pytest's log capture are set aside, so

@@ -137,47 +137,32 @@ def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
+    from . import plan as planning
+
     engine = _engine(args)
     engine.dry_run = True  # plan is read-only, apart from persisting a refresh it had to make
+    if args.all:
+        planning.limit_ssm_rate(engine.store.client, args.ssm_rate)  # the listing's pages included
+        ids = _member_ids(engine, None)
+        # Progress goes to stderr (a bar on a terminal, lines otherwise): stdout stays the table or JSON.
+        with Progress(len(ids), label="plan", mode="auto") as progress:
+            plans = planning.plan_all(
+                engine, ids, workers=args.workers, on_done=lambda planned: progress.advance(planned.status)
+            )
+        if args.json:
+            json.dump(planning.fleet_json(plans), out, indent=2)
+            out.write("\n")
+        else:
+            out.write(planning.render_fleet(plans))
+        return EXIT_PORTAL_FAILED if any(p.outcome in BAD_OUTCOMES for p in plans) else EXIT_OK
     (member_id,) = _member_ids(engine, args.member_id)
-    try:
-        result = engine.run(Job(Action.SWEEP, member_id))
-    except JobFailedError as failed:
-        result = failed.result
-    record = engine.store.get(member_id)
-    declared_rows = result.found - len(result.orphans)
+    planned = planning.plan_one(engine, member_id)
     if args.json:
-        json.dump(
-            {
-                **result.summary(),
-                "orphans": result.orphans,
-                "missing_handlers": result.missing_handlers,
-                "declared_rows": declared_rows,
-            },
-            out,
-            indent=2,
-        )
+        json.dump(planned.as_json(), out, indent=2)
         out.write("\n")
     else:
-        # plan runs the sweep as a dry run: say what a sweep would do, not what it did.
-        state = {"cleaned": "has orphans to unbind", "clean": "clean"}.get(result.outcome.value, result.outcome.value)
-        out.write(
-            f"portal {member_id} ({record.domain if record else '?'}): {state}"
-            f"{' - ' + result.reason if result.reason else ''}\n"
-        )
-        out.write(f"owned handler rows: {result.found} (declared {result.kept}, orphan {len(result.orphans)})\n\n")
-        if result.orphans:
-            out.write("orphans (would be unbound):\n")
-            rows: list[tuple[object, ...]] = [
-                (o["event"], o.get("handler") or "(offline)", o.get("auth_type") or o.get("connector_id") or "")
-                for o in result.orphans
-            ]
-            out.write(table(rows, ("event", "handler", "auth_type/connector")) + "\n\n")
-        if result.missing_handlers:
-            out.write("declared but missing:\n")
-            rows = [(m["event"], m.get("handler") or "(offline)") for m in result.missing_handlers]
-            out.write(table(rows, ("event", "handler")) + "\n")
-    return EXIT_PORTAL_FAILED if result.outcome in BAD_OUTCOMES else EXIT_OK
+        out.write(planning.render_portal(planned))
+    return EXIT_PORTAL_FAILED if planned.outcome in BAD_OUTCOMES else EXIT_OK
 
 
 def cmd_register(args: argparse.Namespace, out: TextIO) -> int:
@@ -278,6 +263,16 @@ def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+def _positive_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < rate <= 1000:
+        raise argparse.ArgumentTypeError("must be above 0 and at most 1000 requests per second")
+    return rate
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="b24-cleanup",
@@ -304,8 +299,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="also print one raw EMF blob as CloudWatch receives it")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plan", help="show one portal's handlers as declared / orphan / missing (read-only)")
-    p.add_argument("--member-id", required=True, help="the portal's member_id (32 hex digits on real portals)")
+    p = sub.add_parser(
+        "plan",
+        help="what tonight's sweep would do, per portal or fleet-wide: declared / orphan / held / missing",
+        description="Read-only, apart from storing a token refresh a portal needed (it says so). Run --all before "
+        "the first real sweep and after every change of the declared set.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--member-id", help="plan one portal (its member_id): every owned row, held rows with why and until when"
+    )
+    which.add_argument("--all", action="store_true", help="plan every portal and print one table for the fleet")
+    p.add_argument(
+        "--workers",
+        type=_int_in(1, MAX_WORKERS, "--workers"),
+        default=8,
+        help=f"portals planned at once with --all, 1-{MAX_WORKERS} (default 8)",
+    )
+    p.add_argument(
+        "--ssm-rate",
+        type=_positive_rate,
+        default=10.0,
+        help="SSM requests per second with --all (default 10: SSM's ~40/s are shared with the service)",
+    )
     common(p)
     p.set_defaults(func=cmd_plan)
 

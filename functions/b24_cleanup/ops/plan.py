@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..jobs import Action, Job, JobFailed, JobResult, Outcome
+from ..errors import JobFailedError
+from ..jobs import Action, Job, JobResult, Outcome
 from ..pacing import LeakyBucket
 from .output import table
 
@@ -52,7 +53,7 @@ class PortalPlan:
     def of(cls, result: JobResult, ssm_name: str = "") -> PortalPlan:
         return cls(
             member_id=result.member_id,
-            domain=str(getattr(result, "domain", "") or ""),
+            domain=result.domain,
             outcome=result.outcome,
             reason=result.reason,
             declared=list(result.declared_rows),
@@ -102,7 +103,7 @@ def plan_one(engine: Any, member_id: str) -> PortalPlan:
     assert engine.dry_run, "a plan never unbinds: run it on a dry-run engine"
     try:
         result = engine.run(Job(Action.SWEEP, member_id))
-    except JobFailed as failed:
+    except JobFailedError as failed:
         result = failed.result
     return PortalPlan.of(result, engine.store.portal_name(member_id))
 
@@ -133,7 +134,11 @@ def limit_ssm_rate(client: Any, rate: float) -> LeakyBucket:
     for room in the bucket before it is sent (its adaptive retries come on top, rarely).
     """
     bucket = LeakyBucket(rate, max(1, int(rate)))
-    client.meta.events.register("before-call.ssm", lambda **_: bucket.acquire(), unique_id="b24-plan-ssm-rate")
+
+    def wait(**_: Any) -> None:
+        bucket.acquire()  # and return None: a value returned here would replace the call's answer
+
+    client.meta.events.register("before-call.ssm", wait, unique_id="b24-plan-ssm-rate")
     return bucket
 
 
