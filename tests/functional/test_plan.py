@@ -128,7 +128,7 @@ def test_plan_one_portal_lists_declared_orphan_held_and_missing_with_reasons(box
 
 
 def test_plan_json_is_a_plan_not_a_sweep_result(box: Sandbox) -> None:
-    a, _, c = seed_fleet(box)
+    _, _, c = seed_fleet(box)
     code, out, _ = run("plan", "--member-id", c.member_id, "--json")
     assert code == 0
     data = json.loads(out)
@@ -146,6 +146,7 @@ def test_grace_zero_for_one_cli_run_releases_all_but_near_misses(box: Sandbox, m
     _, _, c = seed_fleet(box)
     monkeypatch.setenv("B24_ORPHAN_GRACE_DAYS", "0")
     code, out, _ = run("plan", "--member-id", c.member_id, "--json")
+    assert code == 0
     data = json.loads(out)
     assert [o["handler"] for o in data["orphans"]] == [NEW]
     assert [h["reason"] for h in data["held"]] == ["near_miss"]
