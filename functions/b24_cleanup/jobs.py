@@ -159,7 +159,12 @@ class JobResult:
             "kept": self.kept,
             "missing": self.missing,
             "unbind_failed": self.unbind_failed,
-            "held": self.held_rows,
+            "held_rows": self.held_rows,
+            # Held pairs (SPEC §3): what the operator reads first when a sweep holds rows.
+            "held": [
+                {k: pair.get(k) for k in ("event", "handler", "offline", "rows", "reason", "until")}
+                for pair in self.held
+            ],
             "refreshed": self.refreshed,
             "rest_calls": self.rest_calls,
             "rate_limited": self.rate_limited,
