@@ -344,18 +344,22 @@ def classify(rows: Sequence[HandlerRow], declared: DeclaredSet) -> Plan:
     or is offline (offline rows, any connector). `auth_type` plays no part: an (event, handler)
     pair is declared or orphan as a whole. An `ONAPPUNINSTALL` row is an orphan only when the
     declared set names `ONAPPUNINSTALL` and the row does not match, so a forgotten entry can
-    never cut the app off from its own uninstall events.
+    never cut the app off from its own uninstall events; online rows are apart (SPEC §3): an
+    online one is an orphan only when the set declares an *online* `ONAPPUNINSTALL` handler (an
+    offline entry says nothing about which URL receives the event).
     """
     online = {(entry.event, entry.handler) for entry in declared.handlers if not entry.offline}
     offline = {entry.event for entry in declared.handlers if entry.offline}
-    protect_uninstall = not declared.declares_event(UNINSTALL_EVENT)
+    protect_offline_uninstall = not declared.declares_event(UNINSTALL_EVENT)
+    protect_online_uninstall = not any(event == UNINSTALL_EVENT for event, _ in online)
 
     kept: list[HandlerRow] = []
     orphans: list[HandlerRow] = []
     for row in rows:
         event = _event_key(row.event)
         is_declared = event in offline if row.offline else (event, row.handler) in online
-        if is_declared or (protect_uninstall and event == UNINSTALL_EVENT):
+        protected = protect_offline_uninstall if row.offline else protect_online_uninstall
+        if is_declared or (protected and event == UNINSTALL_EVENT):
             kept.append(row)
         else:
             orphans.append(row)

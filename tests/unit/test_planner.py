@@ -618,12 +618,19 @@ def test_classification_properties(rows: list[HandlerRow], entries: list[dict[st
     # a row that matches an entry is never an orphan (design §7: a declared handler is never unbound)
     for row in plan.orphans:
         assert not any(_matches(row, entry) for entry in declared_set.handlers)
-    # a kept row matches an entry, or is an ONAPPUNINSTALL row the set does not mention
+    # a kept row matches an entry, or is an ONAPPUNINSTALL row the set does not mention; for an
+    # online row, only an online ONAPPUNINSTALL entry counts as mentioning it (SPEC §3)
     uninstall_declared = any(e.event == "ONAPPUNINSTALL" for e in declared_set.handlers)
+    online_uninstall_declared = any(e.event == "ONAPPUNINSTALL" and not e.offline for e in declared_set.handlers)
     for row in plan.declared:
+        mentioned = uninstall_declared if row.offline else online_uninstall_declared
         assert any(_matches(row, e) for e in declared_set.handlers) or (
-            row.event.upper() == "ONAPPUNINSTALL" and not uninstall_declared
+            row.event.upper() == "ONAPPUNINSTALL" and not mentioned
         )
+    # and every ONAPPUNINSTALL row the set does not mention is kept (a forgotten entry cuts nothing)
+    for row in plan.orphans:
+        if row.event.upper() == "ONAPPUNINSTALL":
+            assert uninstall_declared if row.offline else online_uninstall_declared
     # auth_type never matters: a pair is all declared or all orphan
     kept_pairs = {(r.event.upper(), r.handler) for r in plan.declared if not r.offline}
     orphan_pairs = {(r.event.upper(), r.handler) for r in plan.orphans if not r.offline}
@@ -697,3 +704,15 @@ def test_only_connector_keyed_offline_commands_go_alone() -> None:
         ("erp", True),
         ("shop", True),
     ]
+
+
+def test_an_offline_uninstall_entry_does_not_expose_online_uninstall_rows() -> None:
+    """SPEC §3: online and offline are apart for the ONAPPUNINSTALL exception."""
+    s = declared({"event": "ONCRMLEADADD", "handler": URL}, {"event": "ONAPPUNINSTALL", "event_type": "offline"})
+    live = online("ONAPPUNINSTALL", "https://app.example.com/b24/uninstall")
+    result = classify([live, offline("ONAPPUNINSTALL")], s)
+    assert live in result.declared and result.orphans == ()
+    # ...while an online entry still makes other online ONAPPUNINSTALL URLs (and offline rows) orphans.
+    s = declared({"event": "ONAPPUNINSTALL", "handler": URL})
+    result = classify([live, offline("ONAPPUNINSTALL")], s)
+    assert result.orphans == (live, offline("ONAPPUNINSTALL"))
