@@ -223,6 +223,12 @@ def test_demo_runs_offline_and_every_portal_ends_as_expected() -> None:
     assert sorted(r[3] for r in acme if r[2].startswith("https://")) == ["0", "1", "2"]
     assert ["acme", "ONCRMLEADUPDATE", "(offline)", "-"] in acme
     assert not [line for line in removed.splitlines() if line.startswith(("tidy ", "bare ", "spoofed "))]
+    # A typo in the declared set (a near miss of the live URL) is held: the handler survives.
+    held = out.split("orphans held (not unbound yet):")[1].split("\n\n")[0]
+    assert [line.split()[:3] for line in held.splitlines() if line.startswith("typo ")] == [
+        ["typo", "ONCRMLEADADD", "https://app.example.com/b24/events/"]
+    ]
+    assert not [line for line in removed.splitlines() if line.startswith("typo ")]
     assert "found in them: 0" in out
     assert '{"_aws"' not in out and "--verbose shows one" in out
     code, out, _ = run("demo", "--verbose")
