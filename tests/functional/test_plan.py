@@ -118,7 +118,8 @@ def test_plan_one_portal_lists_declared_orphan_held_and_missing_with_reasons(box
     _, b, _ = seed_fleet(box)
     code, out, _ = run("plan", "--member-id", b.member_id)
     assert code == 0
-    assert f"portal {b.member_id} (b.bitrix24.test): planned" in out
+    record = box.record(b.member_id)
+    assert record is not None and f"portal {b.member_id} ({record.domain}): planned" in out
     assert "declared (kept):" in out and "ONCRMDEALADD" in out
     assert "orphans (the sweep will unbind them):" in out and OLD in out
     assert "held (orphans, not unbound yet):" in out
