@@ -21,6 +21,7 @@ import pytest
 from conftest import ApiCalls, Stdout
 
 from b24_cleanup.engine import Engine, EngineOptions
+from b24_cleanup import runtime
 from b24_cleanup.handlers import worker
 from b24_cleanup.held import DAY, ledger_key
 from b24_cleanup.jobs import Action, Job, Outcome
@@ -233,11 +234,10 @@ def _names(box: Sandbox) -> set[str]:
 def worker_box(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
     for key, value in box.env(B24_ORPHAN_GRACE_DAYS="2").items():
         monkeypatch.setenv(key, value)
-    worker.reset_engine()
-    engine = worker.engine()
-    engine.options = FAST
+    runtime.reset()
+    runtime.engine().options = FAST
     yield box
-    worker.reset_engine()
+    runtime.reset()
 
 
 def sqs_records(member_ids: list[str]) -> dict[str, Any]:
@@ -263,7 +263,7 @@ def test_worker_reports_held_rows_and_reads_history_and_ledger_once_per_invocati
     typo = [{"event": "ONCRMLEADADD", "handler": APP + "/"}, {"event": "ONAPPUNINSTALL", "handler": UNINSTALL}]
     box.put_declared(typo)
     portals = [box.add_portal(f"p{i}.bitrix24.test", handlers=LIVE) for i in range(10)]
-    api_calls.watch(worker.engine().store.client)  # the worker's own SSM client
+    api_calls.watch(runtime.engine().store.client)  # the worker's own SSM client
 
     answer = worker.process(sqs_records([p.member_id for p in portals]), lambda_context)
 
@@ -294,7 +294,7 @@ def test_worker_without_orphans_pays_nothing_for_the_rules(
     worker_box: Sandbox, api_calls: ApiCalls, lambda_context: Any
 ) -> None:
     portals = [worker_box.add_portal(f"c{i}.bitrix24.test", handlers=LIVE) for i in range(3)]
-    api_calls.watch(worker.engine().store.client)
+    api_calls.watch(runtime.engine().store.client)
     worker.process(sqs_records([p.member_id for p in portals]), lambda_context)
     assert "ssm.GetParameterHistory" not in api_calls
     assert api_calls.count("ssm.GetParameter") == 3 + 1
