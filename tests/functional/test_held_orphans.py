@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from conftest import ApiCalls, Stdout
 
-from b24_cleanup.engine import Engine, EngineOptions
 from b24_cleanup import runtime
+from b24_cleanup.engine import Engine, EngineOptions
 from b24_cleanup.handlers import worker
 from b24_cleanup.held import DAY, ledger_key
 from b24_cleanup.jobs import Action, Job, Outcome
