@@ -80,7 +80,7 @@ def run(portals: int, nights: int, seed: int) -> list[dict[str, Any]]:
                         "ledger_writes": calls[("PutParameter", "orphans")],
                         "extra_per_invocation": round(extra / max(1, invocations), 2),
                         "extra_per_job": round(extra / max(1, len(sweeps)), 3),
-                        "held_rows": sum(j.get("held", 0) for j in sweeps),
+                        "held_rows": sum(j.get("held_rows", 0) for j in sweeps),
                         "unbound_rows": sum(j["unbound"] for j in sweeps),
                     }
                 )

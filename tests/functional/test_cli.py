@@ -208,7 +208,7 @@ def test_no_prefix_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_demo_runs_offline_and_every_portal_ends_as_expected() -> None:
     code, out, err = run("demo")
     assert code == 0, out + err
-    assert "13/13 portals ended as expected" in out
+    assert "14/14 portals ended as expected" in out
     outcome_table = out.split("sweep detail:")[0]
     assert outcome_table.splitlines()[2].split()[:2] == ["portal", "domain"]
     assert "endpoint HTTP" in outcome_table and "endpoint HTTP: the status" in outcome_table
