@@ -89,7 +89,7 @@ def test_a_mark_loses_to_a_refresh_and_decides_again(box: Sandbox, monkeypatch: 
 
     monkeypatch.setattr(store, "write", write)
 
-    result = run(Engine(store, options=FAST), sweep(seeded.member_id))
+    result = run(Engine(store, orphan_grace_days=0, options=FAST), sweep(seeded.member_id))
 
     assert result.outcome is Outcome.CLEANED, result.reason
     final = box.record(seeded.member_id)
