@@ -1,4 +1,4 @@
-"""What the held-orphan rules cost in SSM over nights of the campaign's fleet (SPEC §3, issue 14).
+"""What the held-orphan rules cost in SSM over nights of the campaign's fleet (design §3, issue 14).
 
     .venv/bin/python -m bench.ledger [--portals 200] [--nights 3] [--seed 7]
 

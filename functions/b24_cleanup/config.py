@@ -76,7 +76,7 @@ class Settings:
     ssm_write_rate: float = DEFAULT_SSM_WRITE_RATE  # B24_SSM_WRITE_RATE, all workers together
     worker_concurrency: int = DEFAULT_WORKER_CONCURRENCY  # B24_WORKER_CONCURRENCY
     sweep_every_nights: int = 1  # B24_SWEEP_EVERY_NIGHTS
-    orphan_grace_days: int = DEFAULT_ORPHAN_GRACE_DAYS  # SPEC §3 held orphans; 0 = at once
+    orphan_grace_days: int = DEFAULT_ORPHAN_GRACE_DAYS  # design §3 held orphans; 0 = at once
 
     @property
     def ssm_write_share(self) -> float:

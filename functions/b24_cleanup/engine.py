@@ -95,7 +95,7 @@ class Engine:
         self._credentials: tuple[float, AppCredentials] | None = None
         self._cache_lock = threading.Lock()
         self._declared: tuple[float, str | None] | None = None
-        # Held orphans (SPEC §3): the declared set's history and the orphan ledger, read like the set.
+        # Held orphans (design §3): the declared set's history and the orphan ledger, read like the set.
         self.orphan_records = OrphanRecords(lambda: store.client, store.prefix, orphan_grace_days, clock=clock)
         self.settings: Settings | None = None  # what `from_settings` built it from
 
@@ -267,7 +267,7 @@ class Engine:
         return planned
 
     def _hold(self, job: Job, declared: DeclaredSet | None, planned: Plan, result: JobResult) -> tuple[HandlerRow, ...]:
-        """Step 4's held orphans (SPEC §3): the orphans to unbind now; the held ones go to `result.held`.
+        """Step 4's held orphans (design §3): the orphans to unbind now; the held ones go to `result.held`.
 
         Sweeps only: an uninstall job unbinds nothing, so the rules have nothing to hold there. A
         dry run (and `plan`) records no first-seen keys: it reports what tonight's sweep would hold.

@@ -1,4 +1,4 @@
-"""Held orphans (SPEC §3 "Held orphans"): which orphans a sweep must not unbind yet, why, until when.
+"""Held orphans (design §3 "Held orphans"): which orphans a sweep must not unbind yet, why, until when.
 
 Pure functions and values, no I/O: the caller hands in the declared set, the versions of the
 declared set's parameter history, the orphan ledger's text and the time; it gets back, per orphan
@@ -30,7 +30,7 @@ from .errors import InvalidDeclaredSetError
 from .planner import DeclaredHandler, DeclaredSet, HandlerRow
 
 DAY = 86400
-# SPEC §3: keys not seen for 60 days may be dropped. The ledger only stores first-seen times, so
+# design §3: keys not seen for 60 days may be dropped. The ledger only stores first-seen times, so
 # "not seen" is judged by one writer: a key older than this that the writer did not see itself.
 # Dropping a key that is still an orphan somewhere only makes it wait one more grace (it is
 # re-added as first seen then): a delay, never an early release.
@@ -49,7 +49,7 @@ _ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 
 
 def normalise_url(url: str) -> str:
-    """The form two URLs are compared in for a near miss (SPEC §3).
+    """The form two URLs are compared in for a near miss (design §3).
 
     Scheme and host lower-cased, the scheme's default port dropped, trailing `/` of the path
     dropped, percent-escapes upper-cased (`%2f` and `%2F` are the same escape). Everything else
@@ -102,7 +102,7 @@ def near_miss_of(row: HandlerRow, declared: DeclaredSet) -> str | None:
 
 
 def ledger_key(event: str, handler: str | None) -> str:
-    """`<key>` of SPEC §3: sha256 of "<EVENT>\\n<url>" (or "<EVENT>\\noffline"), first 16 hex digits."""
+    """`<key>` of design §3: sha256 of "<EVENT>\\n<url>" (or "<EVENT>\\noffline"), first 16 hex digits."""
     text = f"{event.strip().upper()}\n{'offline' if handler is None else handler}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -120,7 +120,7 @@ class Ledger:
     """The orphan ledger: key → unix time the orphan was first seen on any portal.
 
     `broken` is True when the parameter was missing or unreadable: then every orphan counts as
-    first seen now (SPEC §3), and the first writer replaces it with a fresh one.
+    first seen now (design §3), and the first writer replaces it with a fresh one.
     """
 
     first_seen: Mapping[str, int] = field(default_factory=dict)
@@ -130,7 +130,7 @@ class Ledger:
 
     @classmethod
     def parse(cls, text: str | None) -> Ledger:
-        """Parse the parameter's text; anything but the exact format of SPEC §3 is `broken`."""
+        """Parse the parameter's text; anything but the exact format of design §3 is `broken`."""
         if text is None:
             return cls(broken=True, problem="the orphan ledger is missing")
         try:
@@ -379,7 +379,7 @@ class Evidence:
     """What one invocation knows for the time rules: the grace, the history, the ledger, the time.
 
     `history` None means it could not be read: every orphan is then held (grace > 0). With a
-    grace of 0 neither is consulted (SPEC §3: 0 turns the grace off; near misses still hold).
+    grace of 0 neither is consulted (design §3: 0 turns the grace off; near misses still hold).
     """
 
     grace_days: int
@@ -466,7 +466,7 @@ class Split:
 
 
 def split(orphans: Sequence[HandlerRow], declared: DeclaredSet, evidence: Evidence) -> Split:
-    """Decide every orphan row; the rows of one pair always share one decision (SPEC §3)."""
+    """Decide every orphan row; the rows of one pair always share one decision (design §3)."""
     release: list[HandlerRow] = []
     held: list[tuple[HandlerRow, Hold]] = []
     decided: dict[tuple[str, str | None, bool], Hold | None] = {}

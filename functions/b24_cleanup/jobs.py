@@ -114,7 +114,7 @@ class JobResult:
     reason: str = ""  # why skipped / revoked evidence / what failed; never a secret
     orphans: list[dict[str, Any]] = field(default_factory=list)
     missing_handlers: list[dict[str, Any]] = field(default_factory=list)
-    # Held orphans (SPEC §3): one entry per held pair with its row count, reason and "until".
+    # Held orphans (design §3): one entry per held pair with its row count, reason and "until".
     held: list[dict[str, Any]] = field(default_factory=list)
     declared_rows: list[dict[str, Any]] = field(default_factory=list)  # the rows kept, for `plan`
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -143,7 +143,7 @@ class JobResult:
 
     @property
     def held_rows(self) -> int:
-        """Rows held, not unbound (SPEC §6 `HandlersHeld`)."""
+        """Rows held, not unbound (design §6 `HandlersHeld`)."""
         return sum(int(pair.get("rows", 0)) for pair in self.held)
 
     def summary(self) -> dict[str, Any]:
@@ -160,7 +160,7 @@ class JobResult:
             "missing": self.missing,
             "unbind_failed": self.unbind_failed,
             "held_rows": self.held_rows,
-            # Held pairs (SPEC §3): what the operator reads first when a sweep holds rows.
+            # Held pairs (design §3): what the operator reads first when a sweep holds rows.
             "held": [
                 {k: pair.get(k) for k in ("event", "handler", "offline", "rows", "reason", "until")}
                 for pair in self.held

@@ -1,4 +1,4 @@
-"""The SSM side of held orphans (SPEC §3): the declared set's history and the orphan ledger.
+"""The SSM side of held orphans (design §3): the declared set's history and the orphan ledger.
 
 One :class:`OrphanRecords` per engine. It reads `GetParameterHistory` of `{prefix}/app/handlers`
 and the ledger `{prefix}/app/orphans` at most once per worker invocation (like the declared set),
@@ -207,7 +207,7 @@ def hold_orphans(
     *,
     record: bool = True,
 ) -> Split:
-    """Split one portal's orphans into the rows to unbind now and the held ones (SPEC §3).
+    """Split one portal's orphans into the rows to unbind now and the held ones (design §3).
 
     Reads nothing when there is no orphan. Records the first-seen keys unless `record` is False
     (a dry run or `plan` writes no ledger: they report what a sweep would hold, and a sweep

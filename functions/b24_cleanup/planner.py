@@ -344,7 +344,7 @@ def classify(rows: Sequence[HandlerRow], declared: DeclaredSet) -> Plan:
     or is offline (offline rows, any connector). `auth_type` plays no part: an (event, handler)
     pair is declared or orphan as a whole. An `ONAPPUNINSTALL` row is an orphan only when the
     declared set names `ONAPPUNINSTALL` and the row does not match, so a forgotten entry can
-    never cut the app off from its own uninstall events; online rows are apart (SPEC §3): an
+    never cut the app off from its own uninstall events; online rows are apart (design §3): an
     online one is an orphan only when the set declares an *online* `ONAPPUNINSTALL` handler (an
     offline entry says nothing about which URL receives the event).
     """

@@ -1,4 +1,4 @@
-"""Held orphans over the real sandbox (moto + the emulator over HTTP): the three accidents of SPEC §3.
+"""Held orphans over the real sandbox (moto + the emulator over HTTP): the three accidents of design §3.
 
 Each accident: the sweep holds the live handler (nothing unbound, `HandlersHeld`, a log line with
 event, URL, reason and until when), then releases it once its grace has passed.

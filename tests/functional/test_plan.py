@@ -1,4 +1,4 @@
-"""`b24-cleanup plan` and `plan --all` against moto and the emulator (SPEC §8, issue 17 item 3).
+"""`b24-cleanup plan` and `plan --all` against moto and the emulator (design §8, issue 17 item 3).
 
 A plan is what tonight's sweep would do: declared / orphan / held (with why and until when) /
 missing, read-only apart from a token refresh it had to store (and says so).

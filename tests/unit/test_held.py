@@ -1,4 +1,4 @@
-"""Held orphans, the pure rules (SPEC §3): near misses, the ledger, the history windows, the decision."""
+"""Held orphans, the pure rules (design §3): near misses, the ledger, the history windows, the decision."""
 
 from __future__ import annotations
 

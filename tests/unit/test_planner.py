@@ -619,7 +619,7 @@ def test_classification_properties(rows: list[HandlerRow], entries: list[dict[st
     for row in plan.orphans:
         assert not any(_matches(row, entry) for entry in declared_set.handlers)
     # a kept row matches an entry, or is an ONAPPUNINSTALL row the set does not mention; for an
-    # online row, only an online ONAPPUNINSTALL entry counts as mentioning it (SPEC §3)
+    # online row, only an online ONAPPUNINSTALL entry counts as mentioning it (design §3)
     uninstall_declared = any(e.event == "ONAPPUNINSTALL" for e in declared_set.handlers)
     online_uninstall_declared = any(e.event == "ONAPPUNINSTALL" and not e.offline for e in declared_set.handlers)
     for row in plan.declared:
@@ -707,7 +707,7 @@ def test_only_connector_keyed_offline_commands_go_alone() -> None:
 
 
 def test_an_offline_uninstall_entry_does_not_expose_online_uninstall_rows() -> None:
-    """SPEC §3: online and offline are apart for the ONAPPUNINSTALL exception."""
+    """design §3: online and offline are apart for the ONAPPUNINSTALL exception."""
     s = declared({"event": "ONCRMLEADADD", "handler": URL}, {"event": "ONAPPUNINSTALL", "event_type": "offline"})
     live = online("ONAPPUNINSTALL", "https://app.example.com/b24/uninstall")
     result = classify([live, offline("ONAPPUNINSTALL")], s)

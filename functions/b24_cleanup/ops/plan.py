@@ -1,4 +1,4 @@
-"""`b24-cleanup plan`: what tonight's sweep would do, for one portal or the whole fleet (SPEC §8).
+"""`b24-cleanup plan`: what tonight's sweep would do, for one portal or the whole fleet (design §8).
 
 A plan runs the worker's own engine as a dry run, so that it can never disagree with the sweep:
 the same declared set, the same held-orphan rules (history, ledger, near misses), the same
