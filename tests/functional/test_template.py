@@ -377,6 +377,10 @@ def _expected_dynamodb_grants(accept: bool, kms: bool) -> dict[str, set[tuple[st
         ("dynamodb:DeleteItem", PORTAL_TABLE),
         ("ssm:GetParameter", CREDENTIALS),
         ("ssm:GetParameter", HANDLERS),
+        # Held orphans: the declared set's history and the orphan ledger stay in SSM (design §3).
+        ("ssm:GetParameterHistory", HANDLERS),
+        ("ssm:GetParameter", ORPHANS),
+        ("ssm:PutParameter", ORPHANS),
     }
     if kms:
         # The app's SecureStrings through SSM, the table through DynamoDB.
@@ -1113,7 +1117,9 @@ def test_no_ssm_permission_on_portal_records_with_the_table(template: dict[str, 
     for role in ROLES.values():
         for action, resource in grants(role_statements(resources, role)):
             assert resource != PORTALS, f"{role}: {action} on SSM portal records"
-            assert action not in {"ssm:PutParameter", "ssm:DeleteParameter", "ssm:DescribeParameters"}, role
+            # The one SSM write left is the orphan ledger's, which stays in SSM with either store.
+            if (action, resource) != ("ssm:PutParameter", ORPHANS):
+                assert action not in {"ssm:PutParameter", "ssm:DeleteParameter", "ssm:DescribeParameters"}, role
 
 
 def test_write_budget_and_sharding_parameters(template: dict[str, Any]) -> None:
