@@ -19,6 +19,8 @@ each a function registered with @check; a new rule is one more function):
 - no declared handler was unbound; no portal reported cleaned/clean still holds an orphan;
 - every stored refresh token still works at the emulator (refreshed once, at the very end);
 - no forged uninstall carrying a leaked application_token wiped its live portal (record, declared rows);
+- then (run_throttled_sweep) a sweep of portals whose tokens are all due while SSM throttles writes at
+  its quota: no rotated pair lost, no worker invocation past its timeout;
 - the EMF metrics add up: PortalsProcessed = the outcome counters + the `clean` jobs;
 - no token, refresh token, client secret or application token appears in anything printed.
 It prints what happened and exits 1 when an invariant is broken.
@@ -286,6 +288,7 @@ class CampaignConfig:
     spoofs: int = 2  # forged ONAPPUNINSTALL posts (wrong application_token)
     max_rounds: int = 2000
     prefix: str = "/b24-cleanup/campaign"
+    throttle_portals: int = 0  # > 0: then a sweep of that many due portals under sustained SSM throttling
 
 
 @dataclass
@@ -530,12 +533,17 @@ def _captured(capture: _Capture) -> Iterator[None]:
             handler.stream = stream
 
 
-def _invoke(capture: _Capture, handler: Callable[[dict[str, Any], Any], Any], event: dict[str, Any]) -> Any:
+def _invoke(
+    capture: _Capture,
+    handler: Callable[[dict[str, Any], Any], Any],
+    event: dict[str, Any],
+    context: FakeContext | None = None,
+) -> Any:
     """Call a Lambda handler as Lambda would, keeping what it prints."""
     buffer = io.StringIO()
     try:
         with redirect_stdout(buffer):
-            return handler(event, FakeContext())
+            return handler(event, context or FakeContext())
     finally:
         capture.take(buffer.getvalue())
 
@@ -600,7 +608,7 @@ def run_campaign(
             runtime.use_engine(Engine(worker_store, orphan_grace_days=0, options=options))
             faults = AwsFaults(config.aws_fault_rate, seed=config.seed, kinds=config.aws_fault_kinds)
             # The endpoint and the scheduler share the process's store and SQS client.
-            faults.attach(runtime.store().client, runtime.sqs(), worker_store.client)
+            faults.attach(*runtime.store().clients(), runtime.sqs(), *worker_store.clients())
             box.emulator.chaos(config.fault_rate, seed=config.seed)
 
             # Events reach the endpoint: genuine uninstalls, forged ones carrying a leaked genuine token (the
@@ -637,6 +645,179 @@ def run_campaign(
             faults.rate = 0.0
             _verify(box, cases, results.jobs, capture, sqs, report)
         finally:
+            runtime.reset()
+    if config.throttle_portals > 0:
+        say(f"sweeping {config.throttle_portals} due portals under sustained SSM throttling")
+        throttled = run_throttled_sweep(ThrottleConfig(portals=config.throttle_portals))
+        report.check_lines.extend(throttled.lines())
+        if throttled.lost:
+            report.broken.append(f"{throttled.lost} rotated pair(s) lost under SSM throttling")
+        if throttled.over_timeout:
+            report.broken.append(f"{throttled.over_timeout} worker invocation(s) ran past their timeout")
+        if throttled.in_dlq:
+            report.broken.append(f"{throttled.in_dlq} job(s) in the DLQ after the throttled sweep")
+    report.seconds = time.monotonic() - started
+    return report
+
+
+# -- sustained SSM throttling -------------------------------------------------------------------------
+
+
+@dataclass
+class ThrottleConfig:
+    """A sweep of portals whose tokens are all due, through the real handlers, while SSM throttles writes.
+
+    SSM is the quota-faithful one (ops/quota.py): `quota_write` PutParameter/s for the whole account.
+    The workers are told `B24_SSM_WRITE_RATE=write_rate`, `B24_WORKER_CONCURRENCY=concurrency`; a
+    neighbour (another application in the same account) keeps trying `neighbour_rate` writes/s, so
+    SSM answers ThrottlingException to both all along.
+    """
+
+    portals: int = 100
+    quota_write: float = 5.0
+    write_rate: float = 5.0
+    concurrency: int = 2
+    neighbour_rate: float = 4.5
+    timeout: float = 120.0  # the worker's Lambda timeout (template.yaml)
+    prefix: str = "/b24-cleanup/throttled"
+
+
+@dataclass
+class ThrottleReport:
+    config: ThrottleConfig
+    lost: int = 0  # stored refresh tokens that no longer refresh: rotated pairs lost
+    failed_jobs: int = 0  # job attempts that ended failed (retried by the queue)
+    final: Counter[str] = field(default_factory=Counter)
+    in_dlq: int = 0
+    invocations: int = 0
+    max_invocation: float = 0.0
+    over_timeout: int = 0
+    refreshed: int = 0
+    writes_admitted: int = 0
+    writes_throttled: int = 0
+    neighbour_throttled: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.over_timeout == 0 and self.in_dlq == 0
+
+    def lines(self) -> list[str]:
+        c = self.config
+        return [
+            f"sustained SSM throttling: {c.portals} portals due for a refresh, SSM quota {c.quota_write:g} writes/s, "
+            f"B24_SSM_WRITE_RATE {c.write_rate:g} over {c.concurrency} workers, a neighbour trying "
+            f"{c.neighbour_rate:g} writes/s; {self.writes_throttled} of {self.writes_admitted + self.writes_throttled}"
+            f" PutParameter throttled ({self.neighbour_throttled} of them the neighbour's)",
+            f"  {self.refreshed} refreshes, {self.invocations} worker invocations, longest {self.max_invocation:.1f} s"
+            f" of {c.timeout:g} s ({self.over_timeout} past it), {self.failed_jobs} failed job attempts retried, "
+            f"{self.in_dlq} in the DLQ, final: "
+            + ", ".join(f"{o} {n}" for o, n in sorted(self.final.items()))
+            + f"; {self.seconds:.1f} s",
+            f"pairs lost under throttling: {self.lost}",
+        ]
+
+
+class _TimedContext(FakeContext):
+    """A Lambda context whose remaining time runs down from `timeout` like the real one's."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._ends = time.monotonic() + timeout
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._ends - time.monotonic()) * 1000))
+
+
+def run_throttled_sweep(config: ThrottleConfig | None = None) -> ThrottleReport:
+    """design §5 step 3 and §7 under SSM's write quota: no rotated pair lost, no invocation past its timeout."""
+    import boto3
+    from botocore.config import Config
+
+    from b24_cleanup import runtime
+    from b24_cleanup.handlers import scheduler, worker
+    from b24_cleanup.ops.quota import SsmQuotas
+
+    config = config or ThrottleConfig()
+    report = ThrottleReport(config)
+    started = time.monotonic()
+    capture = _Capture()
+    quotas = SsmQuotas(write=config.quota_write)
+    with (
+        sandbox(prefix=config.prefix, declared=DECLARED, ssm_quotas=quotas) as box,
+        patched_environ(
+            box.env(
+                B24_SSM_WRITE_RATE=str(config.write_rate),
+                B24_WORKER_CONCURRENCY=str(config.concurrency),
+                POWERTOOLS_METRICS_NAMESPACE="B24Cleanup",
+                POWERTOOLS_SERVICE_NAME="b24-cleanup",
+            )
+        ),
+        _captured(capture),
+        collect_results() as results,
+    ):
+        runtime.reset()
+        stop = threading.Event()
+        assert box.quota is not None
+        neighbour_client = boto3.client(
+            "ssm",
+            endpoint_url=box.quota.endpoint_url,
+            config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
+        )
+
+        def neighbour() -> None:
+            n = 0
+            while not stop.wait(1.0 / config.neighbour_rate):
+                n += 1
+                try:
+                    neighbour_client.put_parameter(
+                        Name="/another-app/counter", Value=str(n), Type="String", Overwrite=True
+                    )
+                except neighbour_client.exceptions.ClientError:
+                    report.neighbour_throttled += 1
+
+        try:
+            members = [
+                box.add_portal(f"t{i:04d}.bitrix24.test", handlers=_declared_rows(random.Random(i)), expired=True)
+                for i in range(config.portals)
+            ]
+            box.quota.reset_stats()
+            thread = threading.Thread(target=neighbour, name="ssm-neighbour", daemon=True)
+            if config.neighbour_rate > 0:
+                thread.start()
+            _invoke(capture, scheduler.lambda_handler, {"scheduled_time": "2026-11-25T02:00:00Z"})
+
+            def deliver(event: dict[str, Any], _context: Any) -> dict[str, Any]:
+                begun = time.monotonic()
+                answer = _invoke(capture, worker.lambda_handler, event, _TimedContext(config.timeout))
+                took = time.monotonic() - begun
+                report.max_invocation = max(report.max_invocation, took)
+                report.over_timeout += took > config.timeout
+                return dict(answer)
+
+            sqs = boto3.client("sqs")
+            report.invocations = drain(sqs, box.queue_url, deliver, None, max_rounds=1000)
+            stop.set()
+            if thread.is_alive():
+                thread.join(5)
+            stats = box.quota.stats().get("PutParameter", {})
+            report.writes_admitted, report.writes_throttled = stats.get("admitted", 0), stats.get("throttled", 0)
+            report.in_dlq = len(_receive_all(sqs, box.dlq_url))
+            final: dict[str, str] = {}
+            for job in results.jobs:
+                report.failed_jobs += job["outcome"] == "failed"
+                report.refreshed += int(job.get("refreshed", 0))
+                final[job["member_id"]] = job["outcome"]
+            report.final = Counter(final.values())
+            oauth = OAuthClient(box.store.app_credentials())
+            for seeded in members:
+                record = box.store.get(seeded.member_id)
+                try:
+                    oauth.refresh(box.emulator.oauth_url, record.refresh_token if record else "")
+                except Exception:  # any failure is the finding: the chain's live end is not in the store
+                    report.lost += 1
+        finally:
+            stop.set()
             runtime.reset()
     report.seconds = time.monotonic() - started
     return report
@@ -1036,6 +1217,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser.add_argument("--aws-fault-rate", type=float, default=0.05, help="share of SSM/SQS attempts that fail")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeout-delay", type=float, default=0.2, help="seconds before an injected timeout drops")
+    parser.add_argument(
+        "--throttle-portals", type=int, default=100, help="portals of the sustained-SSM-throttling sweep (0: none)"
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the report")
     args = parser.parse_args(argv)
     config = CampaignConfig(
@@ -1045,6 +1229,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         aws_fault_rate=args.aws_fault_rate,
         timeout_delay=args.timeout_delay,
         read_timeout=max(1.0, args.timeout_delay + 0.8),
+        throttle_portals=args.throttle_portals,
     )
     say = None if args.quiet else (lambda line: print(f"... {line}", file=sys.stderr, flush=True))
     try:

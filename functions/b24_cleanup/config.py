@@ -130,7 +130,7 @@ class Settings:
             return DynamoPortalStore(self.ssm_prefix, self.table, kms_key_id=self.ssm_kms_key_id)
         from .store import PortalStore
 
-        return PortalStore(self.ssm_prefix, kms_key_id=self.ssm_kms_key_id)
+        return PortalStore(self.ssm_prefix, kms_key_id=self.ssm_kms_key_id, write_rate=self.ssm_write_share)
 
     def require_queue(self) -> str:
         if not self.queue_url:

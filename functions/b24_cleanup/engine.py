@@ -138,7 +138,7 @@ class Engine:
     def oauth_client(self) -> OAuthClient:
         return OAuthClient(self.credentials(), session=self.session, timeout=self.options.oauth_timeout)
 
-    def keeper(self, member_id: str, record: PortalRecord) -> TokenKeeper:
+    def keeper(self, member_id: str, record: PortalRecord, ends_at: float | None = None) -> TokenKeeper:
         return TokenKeeper(
             self.store,
             member_id,
@@ -148,6 +148,7 @@ class Engine:
             oauth_url=self.oauth_url,
             settle_seconds=self.options.settle_seconds,
             clock=self.clock,
+            ends_at=ends_at,
         )
 
     def client(self, keeper: TokenKeeper, deadline: float | None = None) -> PortalClient:
@@ -161,15 +162,17 @@ class Engine:
         )
 
     # -- jobs --------------------------------------------------------------------------
-    def run(self, job: Job, *, deadline: float | None = None) -> JobResult:
+    def run(self, job: Job, *, deadline: float | None = None, ends_at: float | None = None) -> JobResult:
         """Run one job to its outcome. Raises JobFailedError for `failed` (the queue retries it).
 
         `deadline` (a time.monotonic() value) stops the job from starting portal requests past
         it: the job then fails and is retried instead of being cut off by a Lambda timeout.
+        `ends_at` (time.monotonic()) is when the invocation times out: a token refresh starts only
+        while there is time to store its result, and storing it may use all of it (design §5 step 3).
         """
         result = JobResult(job.action, job.member_id, dry_run=self.dry_run)
         try:
-            self._run(job, result, deadline)
+            self._run(job, result, deadline, ends_at)
         except (TransientError, ConfigError) as exc:
             result.outcome = Outcome.FAILED
             result.reason = str(exc)
@@ -178,7 +181,7 @@ class Engine:
         _log_result(result)
         return result
 
-    def _run(self, job: Job, result: JobResult, deadline: float | None) -> None:
+    def _run(self, job: Job, result: JobResult, deadline: float | None, ends_at: float | None) -> None:
         declared: DeclaredSet | None = None
         if job.action is Action.SWEEP:
             try:
@@ -201,7 +204,7 @@ class Engine:
             return
         started_token = record.application_token
 
-        keeper = self.keeper(job.member_id, record)
+        keeper = self.keeper(job.member_id, record, ends_at)
         client = self.client(keeper, deadline)
         try:
             check_usable(record)
@@ -215,12 +218,16 @@ class Engine:
             result.rest_calls = client.stats.rest_calls
             result.rate_limited = client.stats.rate_limited
             result.refreshed = keeper.refreshed
+            # Also when the job goes on to fail: whatever happens after `event.get` answered, the
+            # portal was reached, so it is not revoked (design §5 step 8). A stale mark left on a
+            # paying portal would let one later PAYMENT_REQUIRED delete it with no grace at all.
+            if result.reached and result.outcome is not Outcome.REVOKED and keeper.record.revoked_at is not None:
+                self._unmark(job.member_id)
 
-        reached = result.outcome in (Outcome.CLEANED, Outcome.CLEAN)
-        if reached and keeper.record.revoked_at is not None and not self.dry_run:
-            # Reached successfully: the portal is not revoked after all (design §5 step 8). On a
-            # fresh read, so that a pair the app's backend stored meanwhile is kept.
-            self.store.modify(job.member_id, lambda current: current.data.pop("revoked_at", None) is not None)
+    def _unmark(self, member_id: str) -> None:
+        """Remove `revoked_at` on a fresh read (a pair the app's backend stored meanwhile is kept)."""
+        if not self.dry_run:
+            self.store.modify(member_id, lambda current: current.data.pop("revoked_at", None) is not None)
 
     def _clean(self, job: Job, declared: DeclaredSet | None, client: PortalClient, result: JobResult) -> None:
         """design §5 steps 4-7: plan from `event.get`, hold what must wait, unbind the rest, conclude."""
@@ -247,6 +254,7 @@ class Engine:
         uninstall; a portal that still answers keeps everything, and the sweep goes on as before.
         """
         client.call("event.get")
+        result.reached = True
         result.outcome, result.unconfirmed = Outcome.SKIPPED, True
         result.reason = UNCONFIRMED_REASON
         log.warning("uninstall of %s unconfirmed: %s", job.member_id, UNCONFIRMED_REASON)
@@ -254,7 +262,9 @@ class Engine:
     @staticmethod
     def _plan(declared: DeclaredSet | None, client: PortalClient, result: JobResult) -> Plan:
         """Step 4: read `event.get` and plan; unreadable rows count as permanent unbind failures."""
-        listing = Listing.parse(client.call("event.get"))
+        answer = client.call("event.get")
+        result.reached = True
+        listing = Listing.parse(answer)
         planned = plan(listing.rows, declared)
         result.found = listing.found
         result.kept = len(planned.declared)

@@ -111,6 +111,7 @@ class JobResult:
     rate_limited: int = 0
     declared_set_invalid: bool = False
     unconfirmed: bool = False  # an uninstall whose tokens still work (design §5 step 6)
+    reached: bool = False  # the portal answered `event.get` (design §5 step 8: not revoked)
     reason: str = ""  # why skipped / revoked evidence / what failed; never a secret
     orphans: list[dict[str, Any]] = field(default_factory=list)
     missing_handlers: list[dict[str, Any]] = field(default_factory=list)

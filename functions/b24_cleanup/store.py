@@ -10,6 +10,8 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,16 +31,21 @@ if TYPE_CHECKING:
 # botocore's adaptive mode both retries and slows the caller down (design §11.4).
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, connect_timeout=5, read_timeout=10)
 
+# Writes go through a client of their own: the caller (tokens.persist) retries them within the time
+# it has, so botocore gets few attempts and no client-side limiter (the WritePacer paces instead; an
+# adaptive limiter slowed by write throttling would also slow every read of a shared client).
+WRITE_BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 2}, connect_timeout=3, read_timeout=5)
+
 _THROTTLE_CODES = {"ThrottlingException", "TooManyUpdates", "InternalServerError", "ServiceUnavailable"}
 
 
-def ssm_client() -> SSMClient:
+def ssm_client(config: Config = BOTO_CONFIG) -> SSMClient:
     """An SSM client with adaptive retries; endpoints come from the standard AWS variables."""
     # botocore reads AWS_DEFAULT_REGION or a profile; AWS_REGION (what Lambda and most tools set)
     # is honoured as a fallback so that the CLI behaves like the AWS CLI v2.
     region = None if os.environ.get("AWS_DEFAULT_REGION") else os.environ.get("AWS_REGION") or None
     try:
-        return boto3.client("ssm", config=BOTO_CONFIG, region_name=region)
+        return boto3.client("ssm", config=config, region_name=region)
     except NoRegionError:
         raise ConfigError("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION, or a profile's region") from None
 
@@ -50,6 +57,39 @@ class AppCredentials:
 
     def __repr__(self) -> str:
         return f"AppCredentials(client_id={self.client_id!r})"
+
+
+class WritePacer:
+    """Spaces SSM writes `1 / rate` seconds apart across the threads of a process (design §5 step 3).
+
+    SSM takes a few PutParameter a second per account; the workers share `B24_SSM_WRITE_RATE` and
+    each container takes `rate ÷ B24_WORKER_CONCURRENCY`. Paced, the nightly refreshes do not
+    throttle themselves into losing rotated pairs.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not rate > 0:
+            raise ValueError("a write pacer needs a positive rate")
+        self.interval = 1.0 / rate
+        self._clock = clock
+        self._sleep = sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        """Take the next write slot, sleeping until it comes."""
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            self._sleep(slot - now)
 
 
 @dataclass(frozen=True)
@@ -74,19 +114,44 @@ def _aws_error(exc: Exception, what: str) -> Exception:
 class PortalStore:
     """Records under `{prefix}/portals/{member_id}` and the app's parameters under `{prefix}/app/`."""
 
-    def __init__(self, prefix: str, client: SSMClient | None = None, *, kms_key_id: str | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        client: SSMClient | None = None,
+        *,
+        kms_key_id: str | None = None,
+        write_rate: float | None = None,
+    ) -> None:
         prefix = (prefix or "").rstrip("/")
         if not prefix.startswith("/") or len(prefix) < 2:
             raise ConfigError("B24_SSM_PREFIX must be an absolute SSM path such as /b24-cleanup/prod")
         self.prefix = prefix
         self._client = client
+        # An injected client serves the writes too (tests watch or fault one client).
+        self._writer: SSMClient | None = client
         self.kms_key_id = kms_key_id  # for new parameters only: an overwrite keeps the key it finds
+        self.pacer = WritePacer(write_rate) if write_rate else None  # SSM writes/s of this process
 
     @property
     def client(self) -> SSMClient:
         if self._client is None:  # created on first use, not on import (cold start)
             self._client = ssm_client()
         return self._client
+
+    @property
+    def writer(self) -> SSMClient:
+        """The client of the SSM writes (and their DescribeParameters): bounded retries, see WRITE_BOTO_CONFIG."""
+        if self._writer is None:
+            self._writer = ssm_client(WRITE_BOTO_CONFIG)
+        return self._writer
+
+    def clients(self) -> tuple[SSMClient, ...]:
+        """Every SSM client this store uses (to watch or fault them all)."""
+        return (self.client,) if self.writer is self.client else (self.client, self.writer)
+
+    def _pace(self) -> None:
+        if self.pacer is not None:
+            self.pacer.wait()
 
     # -- names ---------------------------------------------------------------------------
     @property
@@ -112,7 +177,7 @@ class PortalStore:
 
     def _meta(self, name: str) -> _ParamMeta | None:
         try:
-            answer = self.client.describe_parameters(
+            answer = self.writer.describe_parameters(
                 ParameterFilters=[{"Key": "Name", "Option": "Equals", "Values": [name]}]
             )
         except (ClientError, BotoCoreError) as exc:
@@ -135,8 +200,9 @@ class PortalStore:
             args["Tier"] = meta.tier
             if args["Type"] == "SecureString" and meta.key_id:
                 args["KeyId"] = meta.key_id
+        self._pace()
         try:
-            self.client.put_parameter(**args)
+            self.writer.put_parameter(**args)
         except (ClientError, BotoCoreError) as exc:
             raise _aws_error(exc, f"writing {name}") from None
 
@@ -194,8 +260,9 @@ class PortalStore:
         return self.delete(member_id)
 
     def delete(self, member_id: str) -> bool:
+        self._pace()
         try:
-            self.client.delete_parameter(Name=self.portal_name(member_id))
+            self.writer.delete_parameter(Name=self.portal_name(member_id))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
                 return False

@@ -10,40 +10,81 @@ another writer (the app's backend, a concurrent job) may already have moved the 
 
 from __future__ import annotations
 
+import hmac
 import logging
+import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from .errors import InvalidGrantError, PermanentError, RevokedError, TransientError
-from .oauth import OAuthClient, apply_refresh, derive_token_url
-from .record import PortalRecord
+from .oauth import OAuthClient, derive_token_url
+from .record import PortalRecord, domain_of
 from .store import PortalStore
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # A concurrent writer may have refreshed at the OAuth server and not yet written SSM: give its
 # PutParameter this long before the one re-read decides.
 DEFAULT_SETTLE_SECONDS = 1.0
-_PUT_ATTEMPTS = 4
+# design §5 step 3, the persist budget: a refresh is only started while the invocation has this
+# long left. Once the OAuth server has rotated the pair, storing it comes before everything else
+# and may use all the time left: the used refresh token is spent, the new pair exists nowhere else.
+PERSIST_BUDGET_SECONDS = 60.0
+# Stop starting a write attempt this close to the end: one attempt of the bounded write client
+# (store.WRITE_BOTO_CONFIG, two tries of at most 3 s connect + 5 s read) must finish before it.
+PERSIST_ATTEMPT_SECONDS = 17.0
+_RETRY_BASE, _RETRY_CAP = 0.25, 4.0
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A pair the OAuth server rotated, and the record it was rotated from (design §5 step 3).
+
+    `pair` holds only the pair's own keys; it may be written only while the record still holds
+    `application_token` and `from_refresh_token`: anything else means a reinstall, an update or
+    another writer's pair, which this older pair must never revert.
+    """
+
+    pair: dict[str, Any]
+    application_token: str
+    from_refresh_token: str
+
+    def __repr__(self) -> str:  # never a token
+        return "Rotation(...)"
+
+    @property
+    def refresh_token(self) -> str:
+        return str(self.pair["refresh_token"])
+
+
+@dataclass(frozen=True)
+class Latest:
+    """The newest record this process stored for a portal, and the refresh token it was rotated from."""
+
+    record: PortalRecord
+    from_refresh_token: str
 
 
 class ChainState:
     """What one process knows about its portals' token chains beyond SSM (one per process: see runtime).
 
     Threads of one process take turns refreshing a portal (`lock`); across processes the re-read
-    does it. `latest` is the newest record this process wrote per portal: a thread that waited for
-    the lock adopts it instead of spending an already-spent refresh token. `pending` holds pairs
-    rotated at the OAuth server whose write to SSM failed, the only copy of the chain: the next
-    refresh of that portal in this process (the job's retry) stores it instead of spending the
-    dead token.
+    does it. `latest` is the newest record this process stored per portal: a thread that read the
+    record before that write, and waited for the lock, adopts it instead of spending an
+    already-spent refresh token. `pending` holds pairs rotated at the OAuth server whose write
+    failed, the only copy of the chain: the next refresh of that portal in this process (the job's
+    retry) stores it, under the same condition as the first try, instead of spending the dead token.
     """
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
-        self.latest: dict[str, PortalRecord] = {}
-        self.pending: dict[str, PortalRecord] = {}
+        self.latest: dict[str, Latest] = {}
+        self.pending: dict[str, Rotation] = {}
 
     def lock(self, member_id: str) -> threading.Lock:
         with self._guard:
@@ -72,6 +113,8 @@ class TokenKeeper:
         settle_seconds: float = DEFAULT_SETTLE_SECONDS,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        ends_at: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.member_id = member_id
@@ -84,6 +127,9 @@ class TokenKeeper:
         self.sleep = sleep
         self.refreshed = 0  # OAuth calls made (design §6 TokensRefreshed)
         self.fresh = False  # the current access token came from a refresh made just now
+        # time.monotonic() at which the invocation times out (None: no limit, e.g. the CLI)
+        self.ends_at = ends_at
+        self.monotonic = monotonic
 
     @property
     def token_url(self) -> str:
@@ -105,21 +151,23 @@ class TokenKeeper:
             pending = self.chains.pending.get(self.member_id)
             if pending is not None:
                 log.warning("portal %s: storing a rotated token pair an earlier write failed to store", self.member_id)
-                self.record = pending.copy()
-                self._store_rotated()
+                self._store_rotated(pending)
                 if not self.record.refresh_due(self.clock()):
                     return
             latest = self.chains.latest.get(self.member_id)
             if (
                 latest is not None
-                and latest.refresh_token != self.record.refresh_token
-                and latest.expires >= self.record.expires
-                and (stale_token is None or latest.access_token != stale_token)
-                and not latest.refresh_due(self.clock())
+                # Only a record this process rotated *from the one the job holds* is newer: after
+                # a reinstall or update (another application_token, another chain) it is not.
+                and _same(latest.record.application_token, self.record.application_token)
+                and _same(latest.from_refresh_token, self.record.refresh_token)
+                and (stale_token is None or latest.record.access_token != stale_token)
+                and not latest.record.refresh_due(self.clock())
             ):
-                self.record = latest.copy()
+                self.record = latest.record.copy()
                 self.fresh = True
                 return
+            self._check_budget()
             used = self.record.refresh_token
             try:
                 answer = self._call_oauth(used)
@@ -128,16 +176,49 @@ class TokenKeeper:
                 if adopted_or_answer is None:  # another writer's pair was adopted
                     return
                 answer = adopted_or_answer
-            apply_refresh(self.record.data, answer)
-            self.chains.pending[self.member_id] = self.record.copy()
-            self._store_rotated()
+                used = self.record.refresh_token  # the re-read record's, which was just spent
+            rotation = Rotation(pair_of(answer), self.record.application_token, used)
+            self.chains.pending[self.member_id] = rotation
+            self._store_rotated(rotation)
 
-    def _store_rotated(self) -> None:
-        """Persist a just-rotated pair; only once it is stored may it be used (design §5 step 3)."""
-        persist(self.store, self.member_id, self.record, sleep=self.sleep)
+    def _check_budget(self) -> None:
+        """Start a refresh only while there is time to store its result (design §5 step 3)."""
+        if self.ends_at is not None and self.ends_at - self.monotonic() < PERSIST_BUDGET_SECONDS:
+            raise TransientError(
+                "OUT_OF_TIME", "too little of the invocation left to store a refreshed pair", method="oauth"
+            )
+
+    def _store_rotated(self, rotation: Rotation) -> None:
+        """Persist a rotated pair; only once it is stored may it be used (design §5 step 3).
+
+        Raises TransientError when it could not be stored in time (the pair stays pending in
+        this process for the retry), PermanentError when the record is gone.
+        """
+        until = self.ends_at if self.ends_at is not None else self.monotonic() + PERSIST_BUDGET_SECONDS
+        current, stored = persist_rotation(
+            self.store, self.member_id, rotation, until=until, sleep=self.sleep, monotonic=self.monotonic
+        )
         self.chains.pending.pop(self.member_id, None)
-        self.chains.latest[self.member_id] = self.record.copy()
-        self.fresh = True
+        if current is None:
+            raise PermanentError("RECORD_GONE", "the record was deleted while its tokens were refreshed")
+        self.record = current
+        if stored:
+            self.chains.latest[self.member_id] = Latest(current.copy(), rotation.from_refresh_token)
+            self.fresh = True
+            return
+        # The record moved on meanwhile; the older pair is dropped, never written (design §5 step 3).
+        self.fresh = False
+        if _same(current.application_token, rotation.application_token):
+            log.warning(
+                "portal %s: another writer stored a token pair meanwhile; this refresh's pair is dropped",
+                self.member_id,
+            )
+        else:
+            log.warning(
+                "portal %s: the record now holds another installation (reinstalled or updated); "
+                "this refresh's pair is dropped, the new installation kept",
+                self.member_id,
+            )
 
     def _call_oauth(self, refresh_token: str) -> dict:
         self.refreshed += 1
@@ -166,6 +247,60 @@ class TokenKeeper:
             ) from None
 
 
+def pair_of(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys a refresh owns (design §5 step 3): the pair, its expiry, and what the answer says of
+    `client_endpoint` (and so `domain`). Nothing else: `scope` and every other key stay as stored."""
+    pair: dict[str, Any] = {
+        "access_token": answer["access_token"],
+        "refresh_token": answer["refresh_token"],
+        "expires": answer["expires"],
+    }
+    endpoint = answer.get("client_endpoint")
+    if isinstance(endpoint, str) and endpoint.startswith(("http://", "https://")):
+        # The refresh answer tracks portal renames (reference §7, §8).
+        pair["client_endpoint"] = endpoint
+        domain = domain_of(endpoint)
+        if domain:
+            pair["domain"] = domain
+    return pair
+
+
+def persist_rotation(
+    store: PortalStore,
+    member_id: str,
+    rotation: Rotation,
+    *,
+    until: float,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> tuple[PortalRecord | None, bool]:
+    """Write `rotation` as a fresh-read change of the pair's keys, retrying until `until` (monotonic).
+
+    Returns the record as it is now and whether it holds this rotation. The write happens only
+    while the record still holds the `application_token` and refresh token the rotation started
+    from; a record already holding the rotated pair counts as stored (a write whose reply was
+    lost). Raises TransientError when `until` comes first.
+    """
+    stored = False
+
+    def change(current: PortalRecord) -> bool:
+        nonlocal stored
+        if _same(current.refresh_token, rotation.refresh_token):
+            stored = True  # an earlier attempt landed although its answer was lost
+            return False
+        if not _same(current.application_token, rotation.application_token) or not _same(
+            current.refresh_token, rotation.from_refresh_token
+        ):
+            stored = False
+            return False
+        current.data.update(rotation.pair)
+        stored = True
+        return True
+
+    current = _retrying(lambda: store.modify(member_id, change), member_id, until, sleep, monotonic)
+    return current, stored
+
+
 def persist(
     store: PortalStore,
     member_id: str,
@@ -173,24 +308,46 @@ def persist(
     *,
     secure: bool = False,
     sleep: Callable[[float], None] = time.sleep,
+    until: float | None = None,
 ) -> None:
-    """Write a record that holds a just-rotated pair, retrying beyond botocore's own retries.
+    """Write a whole record that holds a just-rotated pair (registration), retrying until `until`.
 
-    The pair exists nowhere else (the used refresh token is spent): give SSM every chance.
+    The pair exists nowhere else (the used refresh token is spent): give SSM every chance the
+    time allows (default: the persist budget from now).
     """
-    for attempt in range(1, _PUT_ATTEMPTS + 1):
+    deadline = until if until is not None else time.monotonic() + PERSIST_BUDGET_SECONDS
+    _retrying(lambda: store.put(member_id, record, secure=secure), member_id, deadline, sleep, time.monotonic)
+
+
+def _retrying(
+    write: Callable[[], _T],
+    member_id: str,
+    until: float,
+    sleep: Callable[[float], None],
+    monotonic: Callable[[], float],
+) -> _T:
+    """Run `write` until it succeeds, backing off with jitter, while an attempt still fits before `until`."""
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            store.put(member_id, record, secure=secure)
-            return
+            return write()
         except TransientError:
-            if attempt == _PUT_ATTEMPTS:
+            left = until - monotonic()
+            pause = random.uniform(0, min(_RETRY_CAP, _RETRY_BASE * 2 ** min(attempt, 8)))
+            if left - pause < PERSIST_ATTEMPT_SECONDS:
                 log.error(
-                    "portal %s: could not persist a refreshed token pair after %d attempts; the chain is at risk",
+                    "portal %s: could not persist a refreshed token pair in %d attempts before the invocation "
+                    "ends; it is kept in this process for the retry, the chain is at risk",
                     member_id,
                     attempt,
                 )
                 raise
-            sleep(min(8.0, 0.5 * 2**attempt))
+            sleep(pause)
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def check_usable(record: PortalRecord) -> None:

@@ -10,18 +10,33 @@ its write.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import boto3
 import pytest
+from botocore.config import Config
+from fixtures.aws import ROOT
 
 from b24_cleanup import runtime
+from b24_cleanup.config import Settings
 from b24_cleanup.engine import Engine, EngineOptions
+from b24_cleanup.errors import JobFailedError
 from b24_cleanup.handlers import worker
 from b24_cleanup.jobs import Action, Job, Outcome
+from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops.sandbox import Sandbox, SeededPortal, sandbox, sqs_event
 from b24_cleanup.pacing import Backoff
+from b24_cleanup.record import PortalRecord
+from b24_cleanup.store import PortalStore, WritePacer
+from b24_cleanup.tokens import PERSIST_BUDGET_SECONDS, TokenKeeper
+
+if str(ROOT) not in sys.path:  # bench/ lives beside functions/, not inside the package
+    sys.path.insert(0, str(ROOT))
+
+from bench.campaign import AwsFaults
 
 APP_URL = "https://app.example.com/b24/events"
 UNINSTALL_URL = "https://app.example.com/b24/uninstall"
@@ -223,3 +238,225 @@ def test_grace_delete_still_deletes_an_unchanged_record(box: Sandbox) -> None:
 
     assert result.outcome is Outcome.REVOKED and result.record_deleted
     assert box.record(seeded.member_id) is None
+
+
+# ------------------------------------------------------------------- helpers for the chain tests
+
+NO_RETRIES = Config(retries={"mode": "standard", "total_max_attempts": 1})
+
+
+class QuickEngine(Engine):
+    """The production engine whose keepers' clock jumps through their pauses (no real waiting)."""
+
+    def keeper(self, member_id: str, record: PortalRecord, ends_at: float | None = None) -> TokenKeeper:
+        made = super().keeper(member_id, record, ends_at)
+        now = [time.monotonic()]
+        made.sleep = lambda seconds: now.__setitem__(0, now[0] + seconds)
+        made.monotonic = lambda: now[0]
+        return made
+
+
+class RacingOAuth:
+    """The OAuth client, but `before` runs first: another writer moves while this refresh is in flight."""
+
+    def __init__(self, real: OAuthClient, before: Callable[[], None]) -> None:
+        self.real, self.before = real, before
+
+    def refresh(self, token_url: str, refresh_token: str) -> dict[str, Any]:
+        self.before()
+        return self.real.refresh(token_url, refresh_token)
+
+
+class RacingEngine(Engine):
+    def __init__(self, store: PortalStore, before: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(store, options=FAST, **kwargs)
+        self.before = before
+
+    def oauth_client(self) -> OAuthClient:
+        return RacingOAuth(super().oauth_client(), self.before)  # type: ignore[return-value]
+
+
+def chain_works(box: Sandbox, member_id: str) -> bool:
+    """The stored refresh token is the live end of the portal's chain (spends it: call last)."""
+    record = box.record(member_id)
+    try:
+        OAuthClient(box.store.app_credentials()).refresh(box.emulator.oauth_url, record.refresh_token)
+    except Exception:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------- item 2: the persist budget
+
+
+def test_no_refresh_starts_with_less_than_the_persist_budget_left(box: Sandbox) -> None:
+    """design §5 step 3: a pair rotated with no time left to store it would be lost with the invocation."""
+    seeded = box.add_portal("late.bitrix24.test", expired=True)
+    before = box.record(seeded.member_id).data
+
+    with pytest.raises(JobFailedError) as failed:
+        engine(box).run(sweep(seeded), ends_at=time.monotonic() + PERSIST_BUDGET_SECONDS - 1)
+
+    assert "OUT_OF_TIME" in failed.value.result.reason
+    assert box.emulator.requests_log(kind="oauth") == []  # the refresh token was never spent
+    assert box.record(seeded.member_id).data == before
+    again = engine(box).run(sweep(seeded), ends_at=time.monotonic() + 120)  # the retry, with time
+    assert again.outcome is Outcome.CLEAN and again.refreshed == 1
+
+
+def test_a_rotated_pair_is_retried_until_stored_within_the_time_left(box: Sandbox) -> None:
+    seeded = box.add_portal("throttled.bitrix24.test", expired=True)
+    store = PortalStore(box.prefix, client=boto3.client("ssm", config=NO_RETRIES))
+    faults = AwsFaults().attach(store.client)
+    faults.fail_next("ssm.PutParameter", *["throttle"] * 12)  # twelve throttled writes, then SSM takes one
+
+    result = QuickEngine(store, options=FAST).run(sweep(seeded), ends_at=time.monotonic() + 120)
+
+    assert result.outcome is Outcome.CLEAN and result.refreshed == 1
+    assert faults.attempts["ssm.PutParameter"] == 13
+    assert chain_works(box, seeded.member_id)
+
+
+def test_ssm_writes_are_paced_to_the_containers_share() -> None:
+    settings = Settings.from_env({"B24_SSM_PREFIX": "/p", "B24_SSM_WRITE_RATE": "3", "B24_WORKER_CONCURRENCY": "5"})
+    store = settings.store()
+    assert store.pacer is not None and store.pacer.interval == pytest.approx(5 / 3)  # 3 ÷ 5 writes/s
+    now, slept = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = WritePacer(0.6, clock=lambda: now[0], sleep=sleep)
+    for _ in range(4):
+        pacer.wait()
+    assert slept == pytest.approx([5 / 3] * 3)  # the first write at once, then one every 1/0.6 s
+
+
+# ------------------------------------------------------------------- item 4: a pair that failed to store
+
+
+def test_pending_pair_never_overwrites_a_newer_installation(box: Sandbox) -> None:
+    """A pair whose write failed is kept in process for the retry, and dropped if the portal was
+    reinstalled meanwhile: it must never revert the new application_token or cut off its chain."""
+    seeded = box.add_portal("reinstalled.bitrix24.test", expired=True)
+    store = PortalStore(box.prefix, client=boto3.client("ssm", config=NO_RETRIES))
+    AwsFaults(1.0, kinds=("5xx",), operations={"ssm.PutParameter"}).attach(store.client)
+    with pytest.raises(JobFailedError):
+        QuickEngine(store, options=FAST).run(sweep(seeded), ends_at=time.monotonic() + 120)
+    assert seeded.member_id in runtime.chains().pending  # the only copy of the rotated pair
+
+    box.emulator.uninstall(seeded.portal, box.app)
+    newer = box.emulator.install(seeded.portal, box.app)
+    box.store.put(seeded.member_id, PortalRecord(box.emulator.record_for(newer)))
+
+    retry = engine(box).run(sweep(seeded))
+
+    record = box.record(seeded.member_id)
+    assert record.application_token == newer.application_token
+    assert retry.outcome is Outcome.CLEAN
+    assert seeded.member_id not in runtime.chains().pending
+    assert chain_works(box, seeded.member_id)
+
+
+# ------------------------------------------------------------------- item 5: the refresh's own keys only
+
+
+def test_refresh_never_reverts_an_update_registered_meanwhile(box: Sandbox) -> None:
+    """design §5 step 3: an ONAPPUPDATE stored while the job refreshes keeps its application_token and pair."""
+    seeded = box.add_portal("updated.bitrix24.test", expired=True)
+    updates = []
+
+    def update() -> None:
+        if not updates:
+            updates.append(box.emulator.update(seeded.portal, box.app))
+            box.store.put(seeded.member_id, PortalRecord(box.emulator.record_for(updates[0])))
+
+    result = RacingEngine(box.store, update).run(sweep(seeded))
+
+    record = box.record(seeded.member_id)
+    assert record.application_token == updates[0].application_token
+    assert record.refresh_token == updates[0].refresh_token  # the update's pair, not the job's
+    assert result.outcome is Outcome.CLEAN  # the job went on with the update's token
+    assert chain_works(box, seeded.member_id)
+
+
+def test_refresh_writes_only_the_pairs_own_keys(box: Sandbox) -> None:
+    seeded = box.add_portal("keys.bitrix24.test", expired=True, extra={"scope": "crm", "note": "v1"})
+
+    def other_writer() -> None:
+        box.store.modify(seeded.member_id, lambda r: r.data.update(note="v2", scope="crm,user") is None)
+
+    result = RacingEngine(box.store, other_writer).run(sweep(seeded))
+
+    record = box.record(seeded.member_id)
+    assert result.outcome is Outcome.CLEAN and result.refreshed == 1
+    assert (record.data["note"], record.data["scope"]) == ("v2", "crm,user")  # the other writer's keys
+    assert record.expires > time.time() + 3000 and chain_works(box, seeded.member_id)
+
+
+def test_refresh_answer_scope_is_not_written_by_the_worker(box: Sandbox) -> None:
+    seeded = box.add_portal("scope.bitrix24.test", expired=True, extra={"scope": "as-installed"})
+    engine(box).run(sweep(seeded))
+    assert box.record(seeded.member_id).data["scope"] == "as-installed"
+
+
+# ------------------------------------------------------------------- item 6: a stale revoked_at
+
+
+def test_a_reached_portal_loses_a_stale_revoked_at_even_when_incomplete(box: Sandbox) -> None:
+    seeded = box.add_portal(
+        "paying.bitrix24.test",
+        handlers=[{"event": "ONCRMLEADUPDATE", "offline": True, "connector_id": "erp"}],
+        extra={"revoked_at": 12345},
+    )
+    seeded.portal.license_auth_connector = False  # the orphan cannot be unbound: incomplete
+
+    result = engine(box).run(sweep(seeded))
+
+    assert result.outcome is Outcome.INCOMPLETE
+    assert box.record(seeded.member_id).revoked_at is None
+
+
+def test_a_reached_portal_loses_a_stale_revoked_at_even_when_the_job_fails(box: Sandbox) -> None:
+    seeded = box.add_portal(
+        "flaky.bitrix24.test", handlers=[{"event": "ONCRMLEADADD", "handler": OLD_URL}], extra={"revoked_at": 12345}
+    )
+    seeded.portal.fail_command(lambda method, _p: method == "event.unbind", "INTERNAL_SERVER_ERROR")
+
+    with pytest.raises(JobFailedError):
+        engine(box).run(sweep(seeded))
+
+    assert box.record(seeded.member_id).revoked_at is None
+
+
+def test_an_unconfirmed_uninstall_also_removes_a_stale_revoked_at(box: Sandbox) -> None:
+    seeded = box.add_portal("marked.bitrix24.test", extra={"revoked_at": 12345})
+    assert engine(box).run(uninstall(seeded)).outcome is Outcome.SKIPPED
+    assert box.record(seeded.member_id).revoked_at is None
+
+
+def test_a_dry_run_keeps_a_stale_revoked_at(box: Sandbox) -> None:
+    seeded = box.add_portal("dry-marked.bitrix24.test", extra={"revoked_at": 12345})
+    engine(box, dry_run=True).run(sweep(seeded))
+    assert box.record(seeded.member_id).revoked_at == 12345
+
+
+# ------------------------------------------------------------------- suspected: the newest-record cache
+
+
+def test_newest_record_cache_is_not_adopted_across_a_reinstall_without_expires(box: Sandbox) -> None:
+    seeded = box.add_portal("cached.bitrix24.test", expired=True)
+    assert engine(box).run(sweep(seeded)).refreshed == 1  # this process now remembers the old install's pair
+    box.emulator.uninstall(seeded.portal, box.app)
+    newer = box.emulator.install(seeded.portal, box.app)
+    data = box.emulator.record_for(newer)
+    del data["expires"]  # an app's own install flow may store none: due at once
+    box.store.put(seeded.member_id, PortalRecord(data))
+
+    result = engine(box).run(sweep(seeded))
+
+    assert result.outcome is Outcome.CLEAN, result.reason
+    record = box.record(seeded.member_id)
+    assert record.application_token == newer.application_token and record.revoked_at is None
+    assert chain_works(box, seeded.member_id)

@@ -11,6 +11,7 @@ from b24_cleanup.access import TokenAccess
 from b24_cleanup.engine import Engine
 from b24_cleanup.record import PortalRecord
 from b24_cleanup.store import PortalStore
+from b24_cleanup.tokens import Latest, Rotation
 
 HANDLERS = Path(__file__).resolve().parents[2] / "functions" / "b24_cleanup" / "handlers"
 
@@ -41,8 +42,8 @@ def test_everything_is_kept_for_the_process(env: None) -> None:
 def test_one_reset_clears_settings_clients_engine_and_chain_state(env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, store, sqs, engine = runtime.settings(), runtime.store(), runtime.sqs(), runtime.engine()
     chains = runtime.chains()
-    chains.latest["m1"] = PortalRecord({"member_id": "m1"})
-    chains.pending["m1"] = PortalRecord({"member_id": "m1"})
+    chains.latest["m1"] = Latest(PortalRecord({"member_id": "m1"}), "r0")
+    chains.pending["m1"] = Rotation({"refresh_token": "r1"}, "app", "r0")
     lock = chains.lock("m1")
 
     monkeypatch.setenv("B24_DRY_RUN", "true")

@@ -42,7 +42,7 @@ class _Totals:
 
 def _run_group(records: list[dict[str, Any]], totals: _Totals, context: LambdaContext | None) -> list[str]:
     """Run one portal's records in order; return the message ids to hand back."""
-    deadline = _deadline(context)
+    deadline, ends_at = _deadline(context), _ends_at(context)
 
     def record_handler(record: SQSRecord) -> str:
         try:
@@ -54,7 +54,7 @@ def _run_group(records: list[dict[str, Any]], totals: _Totals, context: LambdaCo
             )
             raise
         try:
-            result = runtime.engine().run(job, deadline=deadline)
+            result = runtime.engine().run(job, deadline=deadline, ends_at=ends_at)
         except JobFailedError as failed:
             totals.add(failed.result)
             raise
@@ -67,6 +67,15 @@ def _run_group(records: list[dict[str, Any]], totals: _Totals, context: LambdaCo
         event={"Records": records}, record_handler=record_handler, processor=processor, context=context
     )
     return [str(item["itemIdentifier"]) for item in response.get("batchItemFailures", [])]
+
+
+def _ends_at(context: LambdaContext | None) -> float | None:
+    """When the invocation times out (time.monotonic()), or None without a Lambda context."""
+    try:
+        remaining = context.get_remaining_time_in_millis() / 1000.0  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        return None
+    return time.monotonic() + max(0.0, remaining)
 
 
 def _deadline(context: LambdaContext | None) -> float | None:
