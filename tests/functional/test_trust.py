@@ -69,6 +69,7 @@ def box() -> Iterator[Sandbox]:
 
 def engine(box: Sandbox, **kwargs: Any) -> Engine:
     kwargs.setdefault("options", FAST)
+    kwargs.setdefault("orphan_grace_days", 0)  # orphans may go at once here (held orphans: test_held_orphans.py)
     return Engine(box.store, **kwargs)
 
 
