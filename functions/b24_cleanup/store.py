@@ -50,6 +50,37 @@ def ssm_client(config: Config = BOTO_CONFIG) -> SSMClient:
         raise ConfigError("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION, or a profile's region") from None
 
 
+MOVED_TO = "moved_to"
+
+
+def tombstone(table: str) -> str:
+    """What `migrate --to dynamodb` leaves in a moved record's parameter (SPEC §3a): no tokens."""
+    return json.dumps({MOVED_TO: "dynamodb", "table": table}, separators=(",", ":"))
+
+
+def is_tombstone(text: str) -> bool:
+    """True for a moved record's parameter value (a JSON object naming where it went)."""
+    if MOVED_TO not in text:
+        return False
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and MOVED_TO in data
+
+
+class MovedRecordError(ConfigError):
+    """The record moved to DynamoDB: this SSM store must not use (or overwrite) what is left of it."""
+
+    def __init__(self, member_id: str, text: str) -> None:
+        try:
+            data = json.loads(text)
+            where = f"{data.get(MOVED_TO)} table {data.get('table')}"
+        except (ValueError, AttributeError):
+            where = "DynamoDB"
+        super().__init__(f"the record of {member_id} moved to {where}: set B24_STORE=dynamodb and B24_TABLE to use it")
+
+
 @dataclass(frozen=True)
 class AppCredentials:
     client_id: str
@@ -212,6 +243,8 @@ class PortalStore:
         text = self._get(self.portal_name(member_id), decrypt=True)
         if text is None:
             return None
+        if is_tombstone(text):
+            raise MovedRecordError(member_id, text)
         try:
             return PortalRecord.from_json(text)
         except ValueError:

@@ -244,6 +244,52 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 # ------------------------------------------------------------------------------------------ parser
 
 
+def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
+    """SPEC §3a: copy each record into the table (absent only), then tombstone its SSM parameter."""
+    from ..dynamostore import DynamoPortalStore
+    from ..store import PortalStore
+    from .migrate import Migration
+
+    settings = _settings(args)
+    table_name = args.table or os.environ.get("B24_TABLE", "").strip()
+    if not table_name:
+        raise CliError("no table: pass --table NAME or set B24_TABLE (the stack's PortalTableName output)")
+    source = PortalStore(settings.ssm_prefix)  # records are read from SSM whatever B24_STORE says
+    target = DynamoPortalStore(settings.ssm_prefix, table_name)
+    ids = list(source.iter_member_ids())
+    progress = Progress(len(ids), enabled=None if len(ids) > 1 and not args.json else False)
+    counts = Migration(
+        source, target, dry_run=args.dry_run, settle_seconds=args.settle, progress=lambda *_: progress.step()
+    ).run(ids)
+    if args.json:
+        json.dump(
+            {
+                "dry_run": args.dry_run,
+                "table": table_name,
+                "moved": counts.moved,
+                "already_moved": counts.already_moved,
+                "failed": counts.failed,
+                "failures": counts.failures,
+            },
+            out,
+            indent=2,
+        )
+        out.write("\n")
+    else:
+        if counts.failures:
+            out.write(table(sorted(counts.failures.items()), ("member_id", "not moved because")) + "\n\n")
+        verb = "would move" if args.dry_run else "moved"
+        out.write(
+            f"{verb} {counts.moved}, already moved {counts.already_moved}, failed {counts.failed} "
+            f"(SSM {settings.ssm_prefix}/portals/ → DynamoDB {table_name})\n"
+        )
+        if args.dry_run:
+            out.write("dry run: nothing was copied or overwritten\n")
+        elif not counts.failed:
+            out.write("next: deploy with TokenStore=dynamodb (B24_STORE=dynamodb) and point the app's backend at it\n")
+    return EXIT_PORTAL_FAILED if counts.failed else EXIT_OK
+
+
 def _version() -> str:
     from .. import __version__  # the one place the version is set (pyproject reads it too)
 
@@ -355,6 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("payload", help="a file with the raw POST body (form-encoded or JSON) Bitrix24 sent, or - for stdin")
     common(p)
     p.set_defaults(func=cmd_register)
+
+    from .migrate import DEFAULT_SETTLE_SECONDS
+
+    p = sub.add_parser("migrate", help="move portal records from SSM to the DynamoDB table (resumable)")
+    p.add_argument("--to", required=True, choices=["dynamodb"], help="where the records go")
+    p.add_argument("--table", help="the DynamoDB table of portal records (default: $B24_TABLE)")
+    p.add_argument("--dry-run", action="store_true", help="count what would move; copy and overwrite nothing")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=DEFAULT_SETTLE_SECONDS,
+        help=f"seconds to wait for in-flight SSM writers before the final check (default {DEFAULT_SETTLE_SECONDS:g})",
+    )
+    common(p)
+    p.set_defaults(func=cmd_migrate)
     return parser
 
 
