@@ -15,8 +15,8 @@ import pytest
 from b24_cleanup.access import TokenAccess
 from b24_cleanup.dynamostore import DynamoPortalStore, create_table
 from b24_cleanup.engine import Engine, EngineOptions
-from b24_cleanup.errors import ConfigError
-from b24_cleanup.jobs import Action, Job, JobFailed
+from b24_cleanup.errors import ConfigError, JobFailedError
+from b24_cleanup.jobs import Action, Job
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops.migrate import Migration
 from b24_cleanup.ops.sandbox import REGION, Sandbox, sandbox
@@ -96,7 +96,7 @@ def test_ssm_readers_of_a_moved_record_fail_loudly_naming_the_table(box: Sandbox
 def test_a_sweep_on_the_ssm_store_fails_the_moved_portal_and_touches_nothing(box: Sandbox) -> None:
     seeded = box.add_portal("swept.bitrix24.test", handlers=ROWS, expired=True)
     migration(box).run()
-    with pytest.raises(JobFailed) as failed:
+    with pytest.raises(JobFailedError) as failed:
         Engine(PortalStore(box.prefix), options=FAST).run(Job(Action.SWEEP, seeded.member_id))
     assert TABLE in failed.value.result.reason
     assert len(seeded.portal.handlers(box.app)) == 2
@@ -236,14 +236,14 @@ def test_migrating_while_the_app_backend_and_a_sweep_run_keeps_every_chain(box: 
                 try:
                     Engine(PortalStore(box.prefix), options=FAST).run(job)
                     uses["ssm"] += 1
-                except JobFailed as failed:
+                except JobFailedError as failed:
                     if "moved to dynamodb" not in failed.result.reason:
                         errors.append(f"sweep on SSM: {failed.result.reason}")
                         continue
                     uses["table"] += 1
                     try:
                         Engine(DynamoPortalStore(box.prefix, TABLE), options=FAST).run(job)
-                    except JobFailed as again:
+                    except JobFailedError as again:
                         errors.append(f"sweep on the table: {again.result.reason}")
 
     workers = [threading.Thread(target=backend), threading.Thread(target=sweeper)]
