@@ -29,6 +29,7 @@ or an answer (design §7).
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -112,6 +113,18 @@ class InvalidGrantError(B24Error):
 
 class ConfigError(B24CleanupError):
     """The service's own configuration is missing or broken (credentials, prefix, declared set)."""
+
+
+class MovedRecordError(ConfigError):
+    """The portal's record moved to DynamoDB (SPEC §3a): an SSM store must not use what is left of it."""
+
+    def __init__(self, member_id: str, text: str) -> None:
+        try:
+            data = json.loads(text)
+            where = f"{data.get('moved_to')} table {data.get('table')}"
+        except (ValueError, AttributeError):
+            where = "DynamoDB"
+        super().__init__(f"the record of {member_id} moved to {where}: set B24_STORE=dynamodb and B24_TABLE to use it")
 
 
 class InvalidDeclaredSetError(ConfigError):

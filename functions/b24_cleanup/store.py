@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
 from . import logsafety  # noqa: F401 - imported for its effect: no secrets in DEBUG logs
-from .errors import ConfigError, TransientError
+from .errors import ConfigError, MovedRecordError, TransientError
 from .record import PortalRecord, valid_member_id
 
 if TYPE_CHECKING:
@@ -67,18 +67,6 @@ def is_tombstone(text: str) -> bool:
     except ValueError:
         return False
     return isinstance(data, dict) and MOVED_TO in data
-
-
-class MovedRecordError(ConfigError):
-    """The record moved to DynamoDB: this SSM store must not use (or overwrite) what is left of it."""
-
-    def __init__(self, member_id: str, text: str) -> None:
-        try:
-            data = json.loads(text)
-            where = f"{data.get(MOVED_TO)} table {data.get('table')}"
-        except (ValueError, AttributeError):
-            where = "DynamoDB"
-        super().__init__(f"the record of {member_id} moved to {where}: set B24_STORE=dynamodb and B24_TABLE to use it")
 
 
 @dataclass(frozen=True)

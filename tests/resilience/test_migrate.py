@@ -15,14 +15,14 @@ import pytest
 from b24_cleanup.access import TokenAccess
 from b24_cleanup.dynamostore import DynamoPortalStore, create_table
 from b24_cleanup.engine import Engine, EngineOptions
-from b24_cleanup.errors import ConfigError, JobFailedError
+from b24_cleanup.errors import ConfigError, JobFailedError, MovedRecordError
 from b24_cleanup.jobs import Action, Job
 from b24_cleanup.oauth import OAuthClient
 from b24_cleanup.ops.migrate import Migration
 from b24_cleanup.ops.sandbox import REGION, Sandbox, sandbox
 from b24_cleanup.pacing import Backoff
 from b24_cleanup.record import PortalRecord
-from b24_cleanup.store import MovedRecordError, PortalStore, is_tombstone
+from b24_cleanup.store import PortalStore, is_tombstone
 
 TABLE = "portals-migrated"
 APP = "https://app.example.com/b24/events"

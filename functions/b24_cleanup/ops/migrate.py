@@ -33,8 +33,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..dynamostore import DynamoPortalStore, RecordChangedError
-from ..errors import ConfigError, TransientError
+from ..dynamostore import DynamoPortalStore
+from ..errors import ConfigError, RecordChangedError, TransientError
 from ..record import PortalRecord
 from ..store import PortalStore, is_tombstone, tombstone
 
