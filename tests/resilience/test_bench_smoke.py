@@ -69,3 +69,12 @@ def test_quick_benchmark_runs_and_every_portal_sits_on_the_request_bound() -> No
     assert sweep[0][5] == "2.00"  # requests per portal of the project's sweep: 1 event.get + 1 batch
     scheduler = _table(out, HEADERS[4])
     assert all(row[3] == "yes" for row in scheduler), scheduler
+    # Sweeps at the AWS limit (bench/quota.py): one line per store, nothing lost or dead-lettered.
+    quota = [line for line in out.splitlines() if line.startswith("quota: ")]
+    assert [line.split()[1] for line in quota] == ["store=ssm", "store=dynamodb"], quota
+    for line in quota:
+        fields = dict(part.split("=", 1) for part in line.split()[1:])
+        assert set(fields) == {
+            "store", "portals", "write_rate", "achieved", "ratio", "lost", "failed", "dlq", "wall", "bound"
+        }  # fmt: skip
+        assert (fields["lost"], fields["dlq"]) == ("0", "0"), line

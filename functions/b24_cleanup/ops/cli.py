@@ -257,10 +257,14 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
     source = PortalStore(settings.ssm_prefix)  # records are read from SSM whatever B24_STORE says
     target = DynamoPortalStore(settings.ssm_prefix, table_name)
     ids = list(source.iter_member_ids())
-    progress = Progress(len(ids), enabled=None if len(ids) > 1 and not args.json else False)
-    counts = Migration(
-        source, target, dry_run=args.dry_run, settle_seconds=args.settle, progress=lambda *_: progress.step()
-    ).run(ids)
+    with Progress(len(ids), label="migrate", mode="auto" if len(ids) > 1 else "off") as progress:
+        counts = Migration(
+            source,
+            target,
+            dry_run=args.dry_run,
+            settle_seconds=args.settle,
+            progress=lambda *_: progress.advance(),
+        ).run(ids)
     if args.json:
         json.dump(
             {
