@@ -364,3 +364,24 @@ def test_scheduled_time(event: Any, expected: str) -> None:
 def test_a_broken_scheduled_time_fails_loudly(event: Any) -> None:
     with pytest.raises(ValueError, match=r"scheduled_time|scheduler event"):
         scheduled_time_of(event)
+
+
+def test_sweep_every_n_nights_queues_each_portal_once_in_n_nights(
+    mock_aws: AwsAccount, lambda_context: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B24_SWEEP_EVERY_NIGHTS=7: each night queues exactly SPEC §4's shard; seven nights queue everyone once."""
+    from b24_cleanup.sharding import due_tonight
+
+    ids = seed(mock_aws, 70)
+    monkeypatch.setenv("B24_SWEEP_EVERY_NIGHTS", "7")
+    runtime.reset()
+    queued: list[str] = []
+    for night in range(7):
+        scheduled = f"2026-12-{1 + night:02d}T02:00:00Z"
+        before = len(queued)
+        result = scheduler.lambda_handler({"scheduled_time": scheduled}, lambda_context)
+        tonight_ids = [json.loads(m["Body"])["member_id"] for m in mock_aws.receive_all()]
+        queued += tonight_ids
+        assert result["enqueued"] == len(tonight_ids) == len(queued) - before
+        assert sorted(tonight_ids) == sorted(m for m in ids if due_tonight(m, scheduled, 7))
+    assert sorted(queued) == sorted(ids)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import runtime
 from ..errors import EnqueueFailedError, InvalidDeclaredSetError
 from ..planner import DeclaredSet
+from ..sharding import tonight
 from .observability import logger, publish
 
 if TYPE_CHECKING:
@@ -70,7 +71,9 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
 
     queue = runtime.queue()
     try:
-        enqueued = queue.send_sweeps(store.iter_member_ids(), scheduled_time)
+        # One night in B24_SWEEP_EVERY_NIGHTS per portal (SPEC §4), so a night's refreshes fit SSM's writes.
+        every = runtime.settings().sweep_every_nights
+        enqueued = queue.send_sweeps(tonight(store.iter_member_ids(), scheduled_time, every), scheduled_time)
     except EnqueueFailedError as exc:
         # Report what did get queued, then fail the run: it is retried, and SQS deduplicates.
         publish(ACTION, {"PortalsEnqueued": exc.sent})
