@@ -97,7 +97,7 @@ def test_a_sweep_on_the_ssm_store_fails_the_moved_portal_and_touches_nothing(box
     seeded = box.add_portal("swept.bitrix24.test", handlers=ROWS, expired=True)
     migration(box).run()
     with pytest.raises(JobFailedError) as failed:
-        Engine(PortalStore(box.prefix), options=FAST).run(Job(Action.SWEEP, seeded.member_id))
+        Engine(PortalStore(box.prefix), orphan_grace_days=0, options=FAST).run(Job(Action.SWEEP, seeded.member_id))
     assert TABLE in failed.value.result.reason
     assert len(seeded.portal.handlers(box.app)) == 2
     assert not box.emulator.requests_log(kind="oauth")
@@ -234,7 +234,7 @@ def test_migrating_while_the_app_backend_and_a_sweep_run_keeps_every_chain(box: 
             for member_id in ids:
                 job = Job(Action.SWEEP, member_id)
                 try:
-                    Engine(PortalStore(box.prefix), options=FAST).run(job)
+                    Engine(PortalStore(box.prefix), orphan_grace_days=0, options=FAST).run(job)
                     uses["ssm"] += 1
                 except JobFailedError as failed:
                     if "moved to dynamodb" not in failed.result.reason:
@@ -242,7 +242,7 @@ def test_migrating_while_the_app_backend_and_a_sweep_run_keeps_every_chain(box: 
                         continue
                     uses["table"] += 1
                     try:
-                        Engine(DynamoPortalStore(box.prefix, TABLE), options=FAST).run(job)
+                        Engine(DynamoPortalStore(box.prefix, TABLE), orphan_grace_days=0, options=FAST).run(job)
                     except JobFailedError as again:
                         errors.append(f"sweep on the table: {again.result.reason}")
 
