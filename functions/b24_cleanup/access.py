@@ -2,7 +2,7 @@
 
     from b24_cleanup.access import TokenAccess
 
-    tokens = TokenAccess.from_env()            # B24_SSM_PREFIX, optional B24_OAUTH_URL
+    tokens = TokenAccess.from_env()            # B24_SSM_PREFIX, B24_STORE/B24_TABLE, optional B24_OAUTH_URL
     portal = tokens.get(member_id)             # refreshes (and persists first) when due
     answer = call(portal.client_endpoint, portal.access_token)
     if answer_says_expired_token:
@@ -14,13 +14,13 @@ record in SSM stays the one store of the portal's single-use refresh chain.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import requests
 
 from . import runtime
-from .errors import ConfigError, PermanentError, PortalNotFoundError
+from .config import Settings
+from .errors import PermanentError, PortalNotFoundError
 from .oauth import OAuthClient
 from .store import AppCredentials, PortalStore
 from .tokens import DEFAULT_SETTLE_SECONDS, ChainState, TokenKeeper, check_usable
@@ -59,10 +59,12 @@ class TokenAccess:
 
     @classmethod
     def from_env(cls) -> TokenAccess:
-        prefix = os.environ.get("B24_SSM_PREFIX", "")
-        if not prefix:
-            raise ConfigError("B24_SSM_PREFIX must be set to the b24-cleanup SSM prefix")
-        return cls(PortalStore(prefix), oauth_url=os.environ.get("B24_OAUTH_URL") or None)
+        """The store the service uses (B24_STORE: SSM or the DynamoDB table), from the same settings.
+
+        Raises ConfigError when the environment does not name a usable store (design §4).
+        """
+        settings = Settings.from_env()
+        return cls(settings.store(), oauth_url=settings.oauth_url)
 
     def _oauth(self) -> OAuthClient:
         if self._credentials is None:

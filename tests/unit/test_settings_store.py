@@ -54,3 +54,24 @@ def test_the_share_divides_the_budget_by_the_containers() -> None:
     )
     assert settings.ssm_write_share == 2.5
     assert settings.sweep_every_nights == 30
+
+
+def test_token_access_follows_b24_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's backend reads the chain where the service keeps it (design §3a): one store, one chain."""
+    from b24_cleanup.access import TokenAccess
+
+    monkeypatch.setenv("B24_SSM_PREFIX", "/b24-cleanup/test")
+    monkeypatch.setenv("B24_OAUTH_URL", "http://127.0.0.1:9/oauth/token/")
+    monkeypatch.setenv("B24_STORE", "dynamodb")
+    monkeypatch.setenv("B24_TABLE", "portals")
+    access = TokenAccess.from_env()
+    assert isinstance(access.store, DynamoPortalStore) and access.oauth_url == "http://127.0.0.1:9/oauth/token/"
+
+    monkeypatch.delenv("B24_STORE")
+    access = TokenAccess.from_env()
+    assert type(access.store) is PortalStore and access.store.prefix == "/b24-cleanup/test"
+
+    monkeypatch.setenv("B24_STORE", "dynamodb")
+    monkeypatch.delenv("B24_TABLE")
+    with pytest.raises(ConfigError, match="B24_TABLE"):
+        TokenAccess.from_env()
