@@ -116,7 +116,7 @@ class ConfigError(B24CleanupError):
 
 
 class MovedRecordError(ConfigError):
-    """The portal's record moved to DynamoDB (SPEC §3a): an SSM store must not use what is left of it."""
+    """The portal's record moved to DynamoDB (design §3a): an SSM store must not use what is left of it."""
 
     def __init__(self, member_id: str, text: str) -> None:
         try:

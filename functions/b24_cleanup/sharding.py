@@ -1,8 +1,8 @@
-"""Which portals tonight's sweep queues when it runs one night in N (SPEC §4 `B24_SWEEP_EVERY_NIGHTS`).
+"""Which portals tonight's sweep queues when it runs one night in N (design §4 `B24_SWEEP_EVERY_NIGHTS`).
 
 A night refreshes nearly every portal it sweeps (access tokens live an hour), one SSM write each:
 sharding spreads the fleet over N nights so that a night's writes fit the quota. The rule is
-fixed by SPEC §4 so that operators (and the CLI) can tell which night a portal is due:
+fixed by design §4 so that operators (and the CLI) can tell which night a portal is due:
 
     int(sha256(member_id)[:8], 16) % N == days_since_epoch(scheduled time) % N
 

@@ -54,7 +54,7 @@ MOVED_TO = "moved_to"
 
 
 def tombstone(table: str) -> str:
-    """What `migrate --to dynamodb` leaves in a moved record's parameter (SPEC §3a): no tokens."""
+    """What `migrate --to dynamodb` leaves in a moved record's parameter (design §3a): no tokens."""
     return json.dumps({MOVED_TO: "dynamodb", "table": table}, separators=(",", ":"))
 
 

@@ -257,7 +257,7 @@ def pair_of(answer: Mapping[str, Any]) -> dict[str, Any]:
     }
     endpoint = answer.get("client_endpoint")
     if isinstance(endpoint, str) and endpoint.startswith(("http://", "https://")):
-        # The refresh answer tracks portal renames (reference §7, §8).
+        # The refresh answer tracks portal renames (design §10.7, §10.8).
         pair["client_endpoint"] = endpoint
         domain = domain_of(endpoint)
         if domain:

@@ -369,7 +369,7 @@ def test_a_broken_scheduled_time_fails_loudly(event: Any) -> None:
 def test_sweep_every_n_nights_queues_each_portal_once_in_n_nights(
     mock_aws: AwsAccount, lambda_context: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """B24_SWEEP_EVERY_NIGHTS=7: each night queues exactly SPEC §4's shard; seven nights queue everyone once."""
+    """B24_SWEEP_EVERY_NIGHTS=7: each night queues exactly design §4's shard; seven nights queue everyone once."""
     from b24_cleanup.sharding import due_tonight
 
     ids = seed(mock_aws, 70)

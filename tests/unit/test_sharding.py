@@ -1,4 +1,4 @@
-"""B24_SWEEP_EVERY_NIGHTS: exactly SPEC §4's rule, every portal once in N nights, evenly."""
+"""B24_SWEEP_EVERY_NIGHTS: exactly design §4's rule, every portal once in N nights, evenly."""
 
 from __future__ import annotations
 

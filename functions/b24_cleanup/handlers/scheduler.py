@@ -71,7 +71,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
 
     queue = runtime.queue()
     try:
-        # One night in B24_SWEEP_EVERY_NIGHTS per portal (SPEC §4), so a night's refreshes fit SSM's writes.
+        # One night in B24_SWEEP_EVERY_NIGHTS per portal (design §4), so a night's refreshes fit SSM's writes.
         every = runtime.settings().sweep_every_nights
         enqueued = queue.send_sweeps(tonight(store.iter_member_ids(), scheduled_time, every), scheduled_time)
     except EnqueueFailedError as exc:

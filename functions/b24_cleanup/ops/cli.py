@@ -245,7 +245,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
-    """SPEC §3a: copy each record into the table (absent only), then tombstone its SSM parameter."""
+    """design §3a: copy each record into the table (absent only), then tombstone its SSM parameter."""
     from ..dynamostore import DynamoPortalStore
     from ..store import PortalStore
     from .migrate import Migration

@@ -1,4 +1,4 @@
-"""`b24-cleanup migrate --to dynamodb` (SPEC §3a): move portal records from SSM to the table, never branching a chain.
+"""`b24-cleanup migrate --to dynamodb` (design §3a): move portal records from SSM to the table, never branching a chain.
 
 Per portal: copy the record into the table with a conditional put (absent only), then overwrite
 the SSM parameter with the tombstone ``{"moved_to": "dynamodb", "table": "<name>"}`` (no tokens
