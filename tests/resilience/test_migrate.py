@@ -1,4 +1,4 @@
-"""`b24-cleanup migrate --to dynamodb` (design §3a): conditional copy, tombstone, loud SSM readers, no branched chain."""
+"""`b24-cleanup migrate --to dynamodb` (design §3a): conditional copy, tombstone, loud SSM readers, no branch."""
 
 from __future__ import annotations
 
