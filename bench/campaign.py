@@ -605,7 +605,9 @@ def run_campaign(
                 oauth_timeout=(1.0, config.read_timeout),
             )
             # what runtime.engine() hands out; its orphans are long-known ones (grace over)
-            runtime.use_engine(Engine(worker_store, orphan_grace_days=0, options=options))
+            runtime.use_engine(
+                Engine(worker_store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=options)
+            )
             faults = AwsFaults(config.aws_fault_rate, seed=config.seed, kinds=config.aws_fault_kinds)
             # The endpoint and the scheduler share the process's store and SQS client.
             faults.attach(*runtime.store().clients(), runtime.sqs(), *worker_store.clients())

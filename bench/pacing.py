@@ -41,7 +41,12 @@ def measure(sizes: Sizes, runs: int) -> None:
     rows: list[list[Any]] = []
     with sandbox(prefix="/b24-cleanup/bench-pacing", declared=DECLARED) as box:
         for rate, n_runs, label in configs:
-            engine = Engine(box.store, orphan_grace_days=0, options=EngineOptions(rate=rate, burst=burst))
+            engine = Engine(
+                box.store,
+                oauth_url=box.emulator.oauth_url,
+                orphan_grace_days=0,
+                options=EngineOptions(rate=rate, burst=burst),
+            )
             walls, requests_made, refused, limited, unbound = [], [], [], [], []
             for run in range(n_runs):
                 seeded = box.add_portal(f"pace-{rate:g}-{run}.bitrix24.test", handlers=KEPT_ROWS + orphan_rows(k))

@@ -33,7 +33,7 @@ def measure(sizes: Sizes, runs: int) -> bool:
     rows: list[list[Any]] = []
     all_on_bound = True
     with sandbox(prefix="/b24-cleanup/bench-requests", declared=DECLARED) as box:
-        engine = Engine(box.store, orphan_grace_days=0)
+        engine = Engine(box.store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0)
         for k in sizes.orphans:
             for expired in (False, True):
                 rest, oauth, wall = [], [], []

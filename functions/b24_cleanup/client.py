@@ -1,20 +1,22 @@
 """A small Bitrix24 REST client for one portal (design §10.8-§11).
 
 JSON POST to `{client_endpoint}{method}` with `auth` in the body; one exception type per meaning.
-A request is `send` (one paced HTTP request) under two policies: `redirect_refusal`, the one rule
-for re-sending a token after a renamed portal's 302, and `pacing.RetryPolicy` for transient
-answers. A followed move is reported in `moved_to`; the caller stores it. `batch` packs up to 50
-commands a request and falls back to single calls when the portal refuses it.
+A request is `send` (one paced, bounded HTTP request: a total time limit and an answer size limit,
+see transport.py) under two policies: `redirect_verdict`, the one rule for re-sending a token
+after a portal's 3xx, and `pacing.RetryPolicy` for transient answers. A followed move is reported
+in `moved_to`; the caller stores it. `batch` packs up to 50 commands a request and falls back to
+single calls when the portal refuses it.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import requests
 
@@ -27,17 +29,27 @@ from .errors import (
     RateLimitedError,
     RevokedError,
     TransientError,
+    UntrustedTargetError,
     make_error,
 )
+from .logsafety import scrub
 from .oauth import USER_AGENT
 from .pacing import LeakyBucket, RetryPolicy
 from .tokens import TokenKeeper
+from .transport import Answer, AnswerTooLargeError, AnswerTooSlowError, bounded
 
 log = logging.getLogger(__name__)
 
 BATCH_LIMIT = 50
+# (connect timeout, total time limit of one request from connect to last byte). The worker stops
+# starting requests 35 s before its invocation's timeout, so one started in time always ends in time.
 DEFAULT_TIMEOUT = (3.05, 30.0)
 MAX_REDIRECTS = 3
+# A portal that drips, stalls or floods: retried by the queue, never again within the job.
+ANSWER_TOO_SLOW = "ANSWER_TOO_SLOW"
+ANSWER_TOO_LARGE = "ANSWER_TOO_LARGE"
+UNCONFIRMED_MOVE = "moved to an address the OAuth server does not confirm"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -58,8 +70,11 @@ class Redirect:
     @property
     def client_endpoint(self) -> str | None:
         """The target's `.../rest/` prefix: the portal's new address, when the target names one."""
-        cut = self.target.rfind("/rest/")
-        return self.target[: cut + len("/rest/")] if cut != -1 else None
+        parts = urlsplit(self.target)
+        cut = parts.path.rfind("/rest/")
+        if cut == -1:
+            return None
+        return f"{parts.scheme}://{parts.netloc}{parts.path[: cut + len('/rest/')]}"
 
 
 class Redirected(Exception):  # a signal from `send` to its caller, not an error: outside the B24Error tree
@@ -70,19 +85,68 @@ class Redirected(Exception):  # a signal from `send` to its caller, not an error
         self.redirect = redirect
 
 
-def redirect_refusal(redirect: Redirect, hops: int) -> str | None:
-    """The one redirect rule: why the request (and its token) must not be re-sent to the target, or None.
+class Verdict(enum.Enum):
+    FOLLOW = "follow"  # re-send the request (and its token) to the target
+    CONFIRM = "confirm"  # another host: follow only once the OAuth server names it
+    REFUSE = "refuse"
 
-    `hops` counts this request's redirects, this one included. Today: at most MAX_REDIRECTS, to an
-    http(s) address, and never from https down to http (the token would cross the network in clear
-    text). The trust rule of design §5 step 3 (same host, or one the OAuth server confirms) goes here.
+
+def _origin(parts: SplitResult) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL without user info, or None when it is anything else."""
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc:
+        return None
+    return scheme, parts.hostname.lower().rstrip("."), port or _DEFAULT_PORTS[scheme]
+
+
+def origin_of(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of `url` when it is a plain http(s) address, else None."""
+    if not isinstance(url, str) or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        return None
+    try:
+        return _origin(urlsplit(url))
+    except ValueError:
+        return None
+
+
+def redirect_verdict(redirect: Redirect, hops: int, confirmed_endpoint: str | None = None) -> tuple[Verdict, str]:
+    """The one redirect rule (SPEC §5 step 3): may the request and its token go to the target?
+
+    `hops` counts this request's redirects, this one included; `confirmed_endpoint` is the
+    client_endpoint the OAuth server named in a refresh made for this move (None: none made yet).
+    At most MAX_REDIRECTS; only to an http(s) address with no user info; never from https down to
+    http (the token would cross the network in clear text); to the same host (and port; an upgrade
+    from http to https on the default ports included) freely; to another host only when the OAuth
+    server's client_endpoint names the target's scheme, host and port. The reason never holds the
+    address: it is the portal's, and could carry anything.
     """
-    target = urlsplit(redirect.target).scheme
-    if hops > MAX_REDIRECTS or target not in {"http", "https"}:
-        return "the portal redirected too often or off the web"
-    if target == "http" and urlsplit(redirect.source).scheme == "https":
-        return "the portal redirected from https to http"
-    return None
+    if hops > MAX_REDIRECTS:
+        return Verdict.REFUSE, f"the portal redirected more than {MAX_REDIRECTS} times"
+    source, target = origin_of(redirect.source), origin_of(redirect.target)
+    if target is None or source is None:
+        return Verdict.REFUSE, "the portal redirected off the web"
+    if source[0] == "https" and target[0] == "http":
+        return Verdict.REFUSE, "the portal redirected from https to http"
+    upgrade = source == ("http", target[1], 80) and target == ("https", target[1], 443)
+    if source[1:] == target[1:] or upgrade:
+        return Verdict.FOLLOW, "the same host"
+    if confirmed_endpoint is None:
+        return Verdict.CONFIRM, "another host"
+    if origin_of(confirmed_endpoint) == target:
+        return Verdict.FOLLOW, "the OAuth server confirms the new address"
+    return Verdict.REFUSE, UNCONFIRMED_MOVE
+
+
+def redirect_refusal(redirect: Redirect, hops: int, confirmed_endpoint: str | None = None) -> str | None:
+    """Why the token must not follow `redirect` (another host counts as unconfirmed), or None."""
+    verdict, reason = redirect_verdict(redirect, hops, confirmed_endpoint)
+    if verdict is Verdict.FOLLOW:
+        return None
+    return UNCONFIRMED_MOVE if verdict is Verdict.CONFIRM else reason
 
 
 class PortalClient:
@@ -109,6 +173,7 @@ class PortalClient:
         self.stats = CallStats()
         self.batch_refused = False
         self.moved_to: str | None = None  # the portal's new client_endpoint, once a redirect was followed
+        self._confirmed: str | None = None  # the client_endpoint a refresh for a move named
 
     # -- single calls ------------------------------------------------------------------
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
@@ -141,34 +206,43 @@ class PortalClient:
                 return self.send(url, method, params, token)
             except Redirected as moved:
                 hops += 1  # a move is not a failed try
-                url = self._follow(moved.redirect, hops, method)
+                url, token = self._follow(moved.redirect, hops, method, token)
             except B24Error as error:
                 tries += 1
                 self._back_off(error, tries)
 
     def send(self, url: str, method: str, params: Mapping[str, Any], token: str) -> Any:
-        """One paced HTTP request: its `result`, else the classified B24Error or :class:`Redirected`.
+        """One paced, bounded HTTP request: its `result`, else the classified B24Error or :class:`Redirected`.
 
-        Redirects are never followed here (`allow_redirects=False`): the token travels in the
-        JSON body, so where it goes next is the caller's decision.
+        Redirects are never followed here: the token travels in the JSON body, so where it goes
+        next is the caller's decision. The request ends within the total time limit and reads at
+        most 8 MiB of answer (transport.py): a portal that drips, stalls or floods fails this job
+        transiently and nothing else.
         """
         self.bucket.acquire()
         self.stats.rest_calls += 1
+        connect, limit = self.timeout
         try:
-            response = self.session.post(
+            response = bounded(
+                self.session,
+                "POST",
                 url,
+                limit=limit,
+                connect_timeout=connect,
                 json={**params, "auth": token},
-                timeout=self.timeout,
-                allow_redirects=False,
                 headers={"Accept": "application/json", "User-Agent": USER_AGENT},
             )
+        except AnswerTooSlowError:
+            raise TransientError(ANSWER_TOO_SLOW, f"no whole answer within {limit:g} s", method=method) from None
+        except AnswerTooLargeError:
+            raise TransientError(ANSWER_TOO_LARGE, "the answer is over the size limit", method=method) from None
         except requests.Timeout:
             raise TransientError("TIMEOUT", "no answer in time", method=method) from None
         except requests.RequestException as exc:
             raise TransientError("CONNECTION_FAILED", type(exc).__name__, method=method) from None
-        if response.status_code in _REDIRECTS:
+        if response.status in _REDIRECTS:
             target = urljoin(url, response.headers.get("Location", ""))
-            raise Redirected(Redirect(url, target, response.status_code))
+            raise Redirected(Redirect(url, target, response.status))
         outcome = _read(response, method)
         if isinstance(outcome, B24Error):
             raise outcome
@@ -180,21 +254,31 @@ class PortalClient:
             # than a Lambda timeout that fails the whole batch mid-request.
             raise TransientError("OUT_OF_TIME", "the invocation is about to time out", method=method)
 
-    def _follow(self, redirect: Redirect, hops: int, method: str) -> str:
-        """Apply the redirect rule; a followed move changes the address in memory and is reported.
+    def _follow(self, redirect: Redirect, hops: int, method: str, token: str) -> tuple[str, str]:
+        """Apply the redirect rule: the URL and token to send next, or UntrustedTargetError.
 
-        `moved_to` tells the caller the portal's new address; storing it is the caller's business
-        (the engine does, except in a dry run), never a write from inside this request loop.
+        A move to another host costs one refresh (SPEC §5 step 3): the OAuth server's answer names
+        the portal's address, and only that address is followed. The refresh stores what it says of
+        `client_endpoint` and `domain`; `moved_to` tells the caller the followed address, and
+        storing it is the caller's business (the engine does, except in a dry run), never a write
+        from inside this request loop.
         """
-        refusal = redirect_refusal(redirect, hops)
-        if refusal is not None:
-            raise PermanentError("BAD_REDIRECT", refusal, status=redirect.status, method=method) from None
+        verdict, reason = redirect_verdict(redirect, hops, self._confirmed)
+        if verdict is Verdict.CONFIRM:
+            log.info("portal %s redirected to another host; asking the OAuth server", self.tokens.member_id)
+            self.tokens.refresh()  # raises what a refresh raises: revoked, untrusted, transient
+            self._confirmed = self.tokens.record.client_endpoint
+            token = self.tokens.record.access_token
+            verdict, reason = redirect_verdict(redirect, hops, self._confirmed)
+        if verdict is not Verdict.FOLLOW:
+            log.warning("portal %s: redirect not followed: %s", self.tokens.member_id, reason)
+            raise UntrustedTargetError("BAD_REDIRECT", reason, status=redirect.status, method=method) from None
         endpoint = redirect.client_endpoint
         if endpoint and endpoint != self.tokens.record.client_endpoint:
             log.info("portal %s moved; following the redirect to its new address", self.tokens.member_id)
             self.tokens.record.set_client_endpoint(endpoint)
             self.moved_to = endpoint
-        return redirect.target
+        return redirect.target, token
 
     def _back_off(self, error: B24Error, tries: int) -> None:
         """Wait before the next try as the retry policy says, or raise `error`."""
@@ -222,7 +306,7 @@ class PortalClient:
                     results.update(self._batch_chunk(chunk))
                     continue
                 except (PermanentError, ExpiredTokenError) as exc:
-                    if isinstance(exc, ExpiredTokenError):
+                    if isinstance(exc, ExpiredTokenError | UntrustedTargetError):
                         raise
                     log.warning("portal refused batch (%s); falling back to single calls", exc.code)
                     self.batch_refused = True
@@ -245,8 +329,8 @@ class PortalClient:
                 err = failed[c.key] if isinstance(failed[c.key], dict) else {}
                 out[c.key] = CommandResult(
                     error=make_error(
-                        str(err.get("error") or "UNKNOWN"),
-                        str(err.get("error_description") or "")[:200],
+                        str(err.get("error") or "UNKNOWN")[:100],
+                        scrub(err.get("error_description")),
                         method=c.method,
                     )
                 )
@@ -265,6 +349,8 @@ class PortalClient:
                 continue
             try:
                 out[c.key] = CommandResult(value=self.call(c.method, c.params))
+            except UntrustedTargetError:
+                raise  # about the portal, not the command: the job ends here
             except (PermanentError, TransientError) as exc:
                 out[c.key] = CommandResult(error=exc)
                 # A portal that still fails after retries will fail the next command too:
@@ -278,27 +364,24 @@ def _section(answer: dict[str, Any], name: str) -> dict[str, Any]:
     return section if isinstance(section, dict) else {}
 
 
-def _read(response: requests.Response, method: str) -> Any:
+def _read(response: Answer, method: str) -> Any:
     """The `result` of a successful answer, or the classified error (returned, not raised)."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
+    body = response.json()
     if isinstance(body, dict) and body.get("error"):
         error = make_error(
-            str(body["error"]),
-            str(body.get("error_description") or "")[:200],
-            status=response.status_code,
+            str(body["error"])[:100],
+            scrub(body.get("error_description")),
+            status=response.status,
             method=method,
         )
         reset_at = _section(body, "time").get("operating_reset_at")
         if isinstance(reset_at, int | float) and not isinstance(reset_at, bool):
             error.operating_reset_at = float(reset_at)
         return error
-    if response.status_code >= 500:
-        return TransientError("HTTP_ERROR", "server error", status=response.status_code, method=method)
-    if not isinstance(body, dict) or "result" not in body or response.status_code >= 400:
+    if response.status >= 500:
+        return TransientError("HTTP_ERROR", "server error", status=response.status, method=method)
+    if not isinstance(body, dict) or "result" not in body or response.status >= 400:
         return PermanentError(
-            "BAD_ANSWER", "the portal's answer is not a REST result", status=response.status_code, method=method
+            "BAD_ANSWER", "the portal's answer is not a REST result", status=response.status, method=method
         )
     return body["result"]

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 
-from . import runtime
+from . import runtime, transport
 from .client import DEFAULT_TIMEOUT as REST_TIMEOUT
 from .client import PortalClient
 from .commands import Command, CommandResult
@@ -454,9 +453,6 @@ def _log_result(result: JobResult) -> None:
 
 
 def _pooled_session() -> requests.Session:
-    """One session for all portals of an invocation: connection reuse, enough pool for threads."""
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=32, pool_maxsize=32, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+    """One session for all portals of an invocation: connection reuse, enough pool for threads,
+    every request bounded in total time and answer size (transport.py)."""
+    return transport.session(pool_size=32)

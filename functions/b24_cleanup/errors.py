@@ -107,6 +107,13 @@ class PermanentError(B24Error):
     """A client error that a retry cannot mend (bad argument, access denied, licence)."""
 
 
+class UntrustedTargetError(PermanentError):
+    """A token or the client secret would go where nobody vouched for it: an untrusted
+    `server_endpoint`, a redirect the OAuth server does not confirm. Nothing was sent there; the job
+    ends `incomplete`, wherever it is raised (never taken for a refused `batch` or a failed command).
+    """
+
+
 class InvalidGrantError(B24Error):
     """The OAuth server refused the refresh token: the caller re-reads the record once."""
 

@@ -2,7 +2,11 @@
 
 The request carries the client secret and the refresh token in its query string (the documented
 GET), so nothing about the request — not even the URL requests puts into its exception texts —
-may reach a message or a log line.
+may reach a message or a log line. And it goes only to a trusted token URL (SPEC §5 step 3, §9):
+`B24_OAUTH_URL` when set, else one derived from a `server_endpoint` that names Bitrix24's own OAuth
+server exactly — whoever wrote the record (this service's registration, the app's own install flow,
+an operator), a record naming any other host never receives the client secret or a refresh token.
+The request is bounded like every other (transport.py), and its answer is read as strict JSON.
 """
 
 from __future__ import annotations
@@ -10,37 +14,46 @@ from __future__ import annotations
 import logging
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
 
-from . import (
-    __version__,
-    logsafety,  # noqa: F401 - imported for its effect: no secrets in DEBUG logs
-)
-from .errors import ConfigError, PermanentError, TransientError, classify_oauth
-from .record import domain_of
+from . import __version__
+from .errors import PermanentError, TransientError, UntrustedTargetError, classify_oauth
+from .logsafety import scrub
+from .record import domain_of, valid_endpoint
 from .store import AppCredentials
+from .transport import AnswerTooLargeError, AnswerTooSlowError, bounded
+from .transport import session as transport_session
 
 log = logging.getLogger(__name__)
 
 # No project URL exists to name, so the agent is the name and the one version (b24_cleanup.__version__).
 USER_AGENT = f"b24-cleanup/{__version__}"
+# (connect timeout, total time limit of one refresh from connect to last byte).
 DEFAULT_TIMEOUT = (3.05, 15.0)
-# The only hosts a token URL may be derived from when it comes from an untrusted request (design §9).
+# The only hosts a token URL may be derived from (SPEC §5 step 3, §9).
 TRUSTED_OAUTH_HOSTS = frozenset({"oauth.bitrix.info", "oauth.bitrix24.tech"})
+UNTRUSTED_SERVER_ENDPOINT = "untrusted server_endpoint"
+# An answer's `expires` / `expires_in` beyond this is not an expiry (a year: tokens live an hour).
+_MAX_LIFETIME = 366 * 86400
 
 
-def derive_token_url(server_endpoint: str) -> str:
-    """`https://oauth.bitrix.info/rest/` → `https://oauth.bitrix.info/oauth/token/` (design §3)."""
-    parts = urlsplit(server_endpoint or "")
-    if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
-        raise ConfigError("the portal record has no usable server_endpoint to derive the OAuth URL from")
-    return urlunsplit((parts.scheme, parts.netloc, "/oauth/token/", "", ""))
+def derive_token_url(server_endpoint: str, override: str | None = None) -> str:
+    """The token URL for a record: `override` (B24_OAUTH_URL), else derived from a trusted
+    `server_endpoint` (`https://oauth.bitrix.info/rest/` → `https://oauth.bitrix.info/oauth/token/`).
+
+    Raises UntrustedTargetError ("untrusted server_endpoint") for any other `server_endpoint`:
+    the job ends `incomplete`, and nothing — no client secret, no refresh token — was sent.
+    """
+    url = trusted_token_url(server_endpoint, override)
+    if url is None:
+        raise UntrustedTargetError("UNTRUSTED_SERVER_ENDPOINT", UNTRUSTED_SERVER_ENDPOINT, method="oauth")
+    return url
 
 
 def trusted_token_url(server_endpoint: str, override: str | None) -> str | None:
-    """The token URL that may be trusted for a posted `server_endpoint`, or None (design §9).
+    """The token URL that may be trusted for a `server_endpoint`, or None (SPEC §5 step 3, §9).
 
     `override` (B24_OAUTH_URL) always wins. Otherwise only https on the default port, no user
     info, and a host that is exactly one of Bitrix24's OAuth servers.
@@ -77,7 +90,7 @@ class OAuthClient:
         clock: Any = time.time,
     ) -> None:
         self.credentials = credentials
-        self.session = session or requests.Session()
+        self.session = session or transport_session()
         self.timeout = timeout
         self.clock = clock
 
@@ -96,36 +109,39 @@ class OAuthClient:
             "client_secret": self.credentials.client_secret,
             "refresh_token": refresh_token,
         }
+        connect, limit = self.timeout
         try:
-            response = self.session.get(
+            response = bounded(
+                self.session,
+                "GET",
                 token_url,
+                limit=limit,
+                connect_timeout=connect,
                 params=params,
-                timeout=self.timeout,
-                allow_redirects=False,
                 headers={"Accept": "application/json", "User-Agent": USER_AGENT},
             )
+        except AnswerTooSlowError:
+            raise TransientError("OAUTH_TOO_SLOW", f"no whole answer within {limit:g} s", method="oauth") from None
+        except AnswerTooLargeError:
+            raise TransientError(
+                "OAUTH_ANSWER_TOO_LARGE", "the answer is over the size limit", method="oauth"
+            ) from None
         except requests.RequestException as exc:
             # `from None`: the chained exception's text holds the URL with the secret in it.
             raise TransientError("OAUTH_UNREACHABLE", type(exc).__name__, method="oauth") from None
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
+        status = response.status
+        body = response.json()
         if not isinstance(body, dict):
-            kind = TransientError if response.status_code >= 500 or response.status_code == 200 else PermanentError
-            raise kind(
-                "OAUTH_BAD_ANSWER", "the OAuth server did not answer JSON", status=response.status_code, method="oauth"
-            )
+            kind = TransientError if status >= 500 or status == 200 else PermanentError
+            raise kind("OAUTH_BAD_ANSWER", "the OAuth server did not answer JSON", status=status, method="oauth")
         # Some OAuth errors come with HTTP 200 (`wrong_client`, design §10.7).
         if body.get("error"):
-            code = str(body["error"])
-            raise classify_oauth(code, response.status_code)(
-                code, _short(body.get("error_description")), status=response.status_code, method="oauth"
+            code = scrub(body["error"], 100)
+            raise classify_oauth(code, status)(
+                code, scrub(body.get("error_description")), status=status, method="oauth"
             )
-        if response.status_code != 200:
-            raise classify_oauth("", response.status_code)(
-                "OAUTH_HTTP_ERROR", "", status=response.status_code, method="oauth"
-            )
+        if status != 200:
+            raise classify_oauth("", status)("OAUTH_HTTP_ERROR", "", status=status, method="oauth")
         if not isinstance(body.get("access_token"), str) or not isinstance(body.get("refresh_token"), str):
             raise TransientError("OAUTH_BAD_ANSWER", "the answer holds no token pair", method="oauth")
         body = dict(body)
@@ -134,18 +150,17 @@ class OAuthClient:
 
 
 def _absolute_expiry(answer: dict[str, Any], now: float) -> int:
+    """The answer's expiry in unix seconds; an absurd one (`Infinity`, past the year) is not believed.
+
+    Called after the refresh token was spent: it must not raise, whatever the answer holds.
+    """
     expires = answer.get("expires")
-    if isinstance(expires, int | float) and not isinstance(expires, bool) and expires > 0:
+    if isinstance(expires, int | float) and not isinstance(expires, bool) and 0 < expires < now + _MAX_LIFETIME:
         return int(expires)
-    try:
-        return int(now + int(answer.get("expires_in", 3600)))
-    except (TypeError, ValueError):
-        return int(now + 3600)
-
-
-def _short(text: object) -> str:
-    """Error descriptions are the server's own words; keep them short and single-line."""
-    return str(text or "").replace("\n", " ")[:200]
+    lifetime = answer.get("expires_in")
+    if isinstance(lifetime, int | float) and not isinstance(lifetime, bool) and 0 < lifetime <= _MAX_LIFETIME:
+        return int(now + lifetime)
+    return int(now + 3600)
 
 
 def apply_refresh(record_data: dict[str, Any], answer: dict[str, Any]) -> None:
@@ -156,8 +171,11 @@ def apply_refresh(record_data: dict[str, Any], answer: dict[str, Any]) -> None:
     if isinstance(answer.get("scope"), str) and answer["scope"]:
         record_data["scope"] = answer["scope"]
     endpoint = answer.get("client_endpoint")
-    if isinstance(endpoint, str) and endpoint.startswith(("http://", "https://")):
-        # The refresh answer tracks portal renames (design §10.7, §8).
+    # Only a plain http(s) address is an address (a broken one keeps the record's): this runs
+    # after the refresh token was spent, so it must not raise, whatever the answer holds.
+    if valid_endpoint(endpoint):
+        assert isinstance(endpoint, str)
+        # The refresh answer tracks portal renames (reference §7, §8).
         record_data["client_endpoint"] = endpoint
         domain = domain_of(endpoint)
         if domain:

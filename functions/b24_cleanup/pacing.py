@@ -21,6 +21,8 @@ DEFAULT_BURST = 50
 # together. Keeping a few units below the portal's burst absorbs that jitter (5 units = 2.5 s at
 # 2 requests/s) at the cost of starting to pace a little earlier.
 HEADROOM = 5
+# Transient codes the job does not retry itself (see RetryPolicy).
+_NOT_RETRIED = frozenset({"OVERLOAD_LIMIT", "ANSWER_TOO_SLOW", "ANSWER_TOO_LARGE"})
 
 
 class LeakyBucket:
@@ -93,7 +95,9 @@ class RetryPolicy:
     retried: transient errors, with backoff and jitter, up to `backoff.attempts` tries in all.
     `OPERATION_TIME_LIMIT` waits at least until the method unblocks (`operating_reset_at`), and
     fails at once when that is more than `max_time_limit_wait` away. `OVERLOAD_LIMIT` is a manual
-    block: never retried, so as not to hammer a portal an admin must unblock.
+    block: never retried, so as not to hammer a portal an admin must unblock. Nor is an answer over
+    the total time or size limit (a portal that drips, stalls or floods would do it again and
+    spend the invocation's time): the queue retries the job later.
     """
 
     backoff: Backoff = field(default_factory=Backoff)
@@ -102,7 +106,7 @@ class RetryPolicy:
     def wait(self, error: B24Error, tries: int, *, now: float, rng: random.Random | None = None) -> float | None:
         """Seconds to wait before try `tries + 1` after `error` ended try `tries`; None: give up."""
         code = error.code.upper()
-        if not isinstance(error, TransientError) or code == "OVERLOAD_LIMIT" or tries >= self.backoff.attempts:
+        if not isinstance(error, TransientError) or code in _NOT_RETRIED or tries >= self.backoff.attempts:
             return None
         wait = self.backoff.delay(tries, rng)
         if code == "OPERATION_TIME_LIMIT" and error.operating_reset_at:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-# Real member ids are 32 hex digits; anything that could walk out of `{prefix}/portals/` or break an
-# SSM name is refused before any AWS call is made.
-MEMBER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# Real member ids are 32 hex digits. SPEC §5: 1-64 ASCII letters, digits, `_` or `-`, wholly: anything
+# else (a path, a dot, a trailing newline, which `$` would let through) is refused before any AWS call.
+MEMBER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # Refresh when the access token expires within this many seconds (design §5 step 3).
 REFRESH_MARGIN_SECONDS = 300
@@ -19,7 +21,7 @@ REFRESH_MARGIN_SECONDS = 300
 
 def valid_member_id(member_id: object) -> bool:
     """True when `member_id` can name a parameter under `{prefix}/portals/`."""
-    return isinstance(member_id, str) and bool(MEMBER_ID_RE.match(member_id)) and member_id not in {".", ".."}
+    return isinstance(member_id, str) and MEMBER_ID_RE.fullmatch(member_id) is not None
 
 
 class PortalRecord:
@@ -86,13 +88,15 @@ class PortalRecord:
         value = self.data.get("expires")
         try:
             return int(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return 0  # unknown expiry: treat as due, the refresh fixes it
+        except (TypeError, ValueError, OverflowError):
+            return 0  # unknown expiry (also `Infinity`): treat as due, the refresh fixes it
 
     @property
     def revoked_at(self) -> int | None:
         value = self.data.get("revoked_at")
-        return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return None
+        return int(value)
 
     def refresh_due(self, now: float | None = None) -> bool:
         """True when the access token expires within five minutes (or has no usable expiry)."""
@@ -108,6 +112,25 @@ class PortalRecord:
 
 
 def domain_of(client_endpoint: str) -> str:
-    """The portal's domain for a `client_endpoint`: its host (design §3, §9), e.g.
-    `https://example.bitrix24.com/rest/` → `example.bitrix24.com`."""
-    return urlsplit(client_endpoint).hostname or ""
+    """The portal's domain for a `client_endpoint`: its host (SPEC §3, §9), e.g.
+    `https://example.bitrix24.com/rest/` → `example.bitrix24.com` ("" when it names none)."""
+    try:
+        return urlsplit(client_endpoint).hostname or ""
+    except (ValueError, TypeError, AttributeError):
+        return ""
+
+
+def valid_endpoint(url: object) -> bool:
+    """True for a plain http(s) URL with a host, a valid port, no user info and no white space.
+
+    What a remote answer (the OAuth server's `client_endpoint`) must be before it is stored as an
+    address that tokens will be sent to.
+    """
+    if not isinstance(url, str) or not url or any(ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F for c in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        return False
+    return parts.scheme.lower() in _DEFAULT_PORTS and bool(parts.hostname) and "@" not in parts.netloc

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.box(declared=DECLARED)
 def make_engine(box: Sandbox, **kwargs: object) -> Engine:
     kwargs.setdefault("options", FAST)
     kwargs.setdefault("orphan_grace_days", 0)  # orphans may go at once here; test_held_orphans.py holds them
+    kwargs.setdefault("oauth_url", box.emulator.oauth_url)  # the emulator is no trusted OAuth host
     return Engine(box.store, **kwargs)  # type: ignore[arg-type]
 
 
@@ -370,17 +371,17 @@ def test_expired_again_after_refresh_means_revoked(box: Sandbox) -> None:
 
 def test_renamed_portal_is_followed_and_remembered(box: Sandbox) -> None:
     seeded = box.add_portal("old-name.bitrix24.test", handlers=_orphans(1))
-    seeded.portal.rename("new-name.bitrix24.test")
+    seeded.portal.rename("new-name.bitrix24.test")  # another host: followed once the OAuth server confirms it
 
     result = make_engine(box).run(sweep_job(seeded))
 
-    assert result.outcome is Outcome.CLEANED
+    assert result.outcome is Outcome.CLEANED and result.refreshed == 1  # the one confirming refresh
     record = box.record(seeded.member_id)
     assert record.client_endpoint == seeded.portal.client_endpoint
     assert record.domain == seeded.portal.domain == seeded.portal.host  # the host it moved to
 
 
-def test_a_dry_run_follows_a_renamed_portal_but_stores_no_new_address(box: Sandbox) -> None:
+def test_a_dry_run_follows_a_renamed_portal_and_keeps_only_the_refresh_it_made(box: Sandbox) -> None:
     seeded = box.add_portal("was-here.bitrix24.test", handlers=_orphans(1))
     before = box.record(seeded.member_id).data
     seeded.portal.rename("is-there.bitrix24.test")
@@ -388,7 +389,13 @@ def test_a_dry_run_follows_a_renamed_portal_but_stores_no_new_address(box: Sandb
     result = make_engine(box, dry_run=True).run(sweep_job(seeded))
 
     assert result.outcome is Outcome.CLEANED and result.unbound == 1  # planned at the new address
-    assert box.record(seeded.member_id).data == before
+    after = box.record(seeded.member_id).data
+    # The move to another host cost a refresh, and a rotated pair is never dropped (SPEC §4
+    # B24_DRY_RUN): the pair and what the OAuth answer said of the address are stored, nothing else.
+    changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+    assert changed <= {"access_token", "refresh_token", "expires", "client_endpoint", "domain"}
+    assert after["client_endpoint"] == seeded.portal.client_endpoint  # as the OAuth server said it
+    assert after["refresh_token"] == box.emulator.state.latest_tokens(seeded.installation.chain).refresh_token
 
 
 # --------------------------------------------------------------------------------------------- revoked

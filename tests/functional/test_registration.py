@@ -83,7 +83,7 @@ def test_reinstall_replaces_the_record_and_the_old_uninstall_is_skipped(box: San
     record = box.record(seeded.member_id)
     assert record.application_token == body["auth"]["application_token"] != old_token
     assert "custom" not in record.data and record.revoked_at is None  # an install starts afresh
-    stale = Engine(box.store, orphan_grace_days=0, options=FAST).run(
+    stale = Engine(box.store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=FAST).run(
         Job(Action.UNINSTALL, seeded.member_id, application_token=old_token, ts="1")
     )
     assert stale.outcome is Outcome.SKIPPED
@@ -239,7 +239,7 @@ def test_endpoint_spoofed_install_has_the_spoofed_uninstall_body(
 
 def test_token_access_refreshes_when_due_and_persists_first(box: Sandbox) -> None:
     seeded = box.add_portal("app.bitrix24.test", expired=True)
-    access = TokenAccess(box.store, settle_seconds=0.05)
+    access = TokenAccess(box.store, oauth_url=box.emulator.oauth_url, settle_seconds=0.05)
 
     portal = access.get(seeded.member_id)
 
@@ -255,7 +255,7 @@ def test_token_access_refreshes_when_due_and_persists_first(box: Sandbox) -> Non
 
 def test_token_access_after_expired_token(box: Sandbox) -> None:
     seeded = box.add_portal("exp2.bitrix24.test")
-    access = TokenAccess(box.store, settle_seconds=0.05)
+    access = TokenAccess(box.store, oauth_url=box.emulator.oauth_url, settle_seconds=0.05)
     first = access.get(seeded.member_id)
     seeded.portal.expire_tokens(box.app)
     assert not works(box, first.client_endpoint, first.access_token)
@@ -275,7 +275,9 @@ def test_refresh_raced_by_another_writer_adopts_its_pair(box: Sandbox) -> None:
 
     seeded = box.add_portal("race.bitrix24.test", expired=True)
     stale = box.record(seeded.member_id)
-    TokenAccess(box.store, settle_seconds=0.05).get(seeded.member_id)  # the app's backend moves the chain on
+    TokenAccess(box.store, oauth_url=box.emulator.oauth_url, settle_seconds=0.05).get(
+        seeded.member_id
+    )  # the app's backend moves the chain on
     winner = box.record(seeded.member_id)
 
     keeper = TokenKeeper(
@@ -284,6 +286,7 @@ def test_refresh_raced_by_another_writer_adopts_its_pair(box: Sandbox) -> None:
         stale,
         lambda: OAuthClient(box.store.app_credentials()),
         chains=ChainState(),  # another process: it knows nothing of the app's refresh
+        oauth_url=box.emulator.oauth_url,
         settle_seconds=0.05,
     )
     token = keeper.access_token()  # refresh with the spent token → invalid_grant → re-read
@@ -298,7 +301,9 @@ def _child(member_id: str, prefix: str, endpoint: str, env: dict[str, str], out:
     from b24_cleanup.store import PortalStore
 
     try:
-        portal = TokenAccess(PortalStore(prefix), settle_seconds=0.5).get(member_id)
+        portal = TokenAccess(PortalStore(prefix), oauth_url=os.environ["B24_OAUTH_URL"], settle_seconds=0.5).get(
+            member_id
+        )
         out.put(("ok", portal.access_token))
     except Exception as exc:
         out.put(("error", type(exc).__name__))
@@ -335,6 +340,7 @@ def test_threads_and_a_second_process_end_with_one_chain(tmp_path: Any) -> None:
             ctx = multiprocessing.get_context("spawn")
             out = ctx.Queue()
             env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PYTHON"))}
+            env["B24_OAUTH_URL"] = emu.oauth_url
             child = ctx.Process(target=_child, args=(portal.member_id, "/race", endpoint, env, out))
             child.start()
             results: list[tuple[str, str]] = []
@@ -342,7 +348,12 @@ def test_threads_and_a_second_process_end_with_one_chain(tmp_path: Any) -> None:
             def ask() -> None:
                 try:
                     results.append(
-                        ("ok", TokenAccess(PortalStore("/race"), settle_seconds=0.5).get(portal.member_id).access_token)
+                        (
+                            "ok",
+                            TokenAccess(PortalStore("/race"), oauth_url=emu.oauth_url, settle_seconds=0.5)
+                            .get(portal.member_id)
+                            .access_token,
+                        )
                     )
                 except Exception as exc:
                     results.append(("error", type(exc).__name__))

@@ -223,11 +223,11 @@ def test_worker_failure_paths_leak_nothing(box: Sandbox, seen: Seen) -> None:
     sqs.send_message(
         QueueUrl=box.queue_url, MessageBody="{not json", MessageGroupId="bad", MessageDeduplicationId="leak-bad"
     )
-    runtime.use_engine(Engine(box.store, orphan_grace_days=0, options=SHORT_TIMEOUTS))
+    runtime.use_engine(Engine(box.store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=SHORT_TIMEOUTS))
     drain(sqs, box.queue_url, worker.lambda_handler, FakeContext())
 
     # The same failures raised directly, as the CLI and the app's own code see them.
-    engine = Engine(box.store, orphan_grace_days=0, options=SHORT_TIMEOUTS)
+    engine = Engine(box.store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=SHORT_TIMEOUTS)
     for seeded in (flaky, slow, blocked):
         failed = seen.expect(JobFailedError, lambda s=seeded: engine.run(Job(Action.SWEEP, s.member_id)))
         assert failed.result.outcome is Outcome.FAILED
@@ -308,7 +308,7 @@ def test_endpoint_registration_and_token_access_leak_nothing(
     )
     register(body, box.store, oauth_url=box.emulator.oauth_url)
 
-    tokens = TokenAccess(box.store, settle_seconds=0.01)
+    tokens = TokenAccess(box.store, oauth_url=box.emulator.oauth_url, settle_seconds=0.01)
     access = tokens.get(fresh.member_id)
     fresh.portal.expire_tokens(box.app)
     again = tokens.after_expired(fresh.member_id, access.access_token)
@@ -398,7 +398,7 @@ def test_debug_logging_leaks_nothing(box: Sandbox, capfd: pytest.CaptureFixture[
         MessageGroupId=seeded.member_id,
         MessageDeduplicationId="debug",
     )
-    runtime.use_engine(Engine(box.store, orphan_grace_days=0, options=SHORT_TIMEOUTS))
+    runtime.use_engine(Engine(box.store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=SHORT_TIMEOUTS))
     root = logging.getLogger()
     records = _Records()
     # Only this handler sees the DEBUG records: the session guard and pytest's log capture are set aside, so

@@ -165,7 +165,9 @@ def test_ssm_faults_during_a_refresh_are_retried_and_nothing_is_lost(box: Sandbo
     faults.fail_next("ssm.DescribeParameters", "lost_reply")
     faults.fail_next("ssm.PutParameter", "throttle", "5xx", "reset", "lost_reply")
 
-    result = Engine(store, orphan_grace_days=0, options=PATIENT).run(sweep(seeded.member_id))
+    result = Engine(store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=PATIENT).run(
+        sweep(seeded.member_id)
+    )
 
     assert result.outcome is Outcome.CLEANED and result.refreshed == 1
     assert faults.total == 7
@@ -238,7 +240,7 @@ def test_ssm_failing_beyond_retries_fails_the_job_until_the_dlq(handler_env: San
     seeded = box.add_portal("down.bitrix24.test", handlers=DECLARED_ROWS + ORPHAN_ROWS)
     store = PortalStore(box.prefix, client=boto3.client("ssm", config=NO_RETRIES))
     faults = AwsFaults(1.0, kinds=("5xx",), operations={"ssm.GetParameter"}).attach(store.client)
-    runtime.use_engine(Engine(store, orphan_grace_days=0, options=PATIENT))
+    runtime.use_engine(Engine(store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=PATIENT))
     sqs = boto3.client("sqs")
     sqs.send_message(
         QueueUrl=box.queue_url,
@@ -264,7 +266,7 @@ def test_ssm_failing_beyond_retries_fails_the_job_until_the_dlq(handler_env: San
     assert len(seeded.portal.handlers(box.app)) == len(DECLARED_ROWS + ORPHAN_ROWS)
 
 
-def _engine_without_sleeps(store: PortalStore, monkeypatch: pytest.MonkeyPatch) -> Engine:
+def _engine_without_sleeps(store: PortalStore, monkeypatch: pytest.MonkeyPatch, oauth_url: str) -> Engine:
     """TokenKeeper retries a write for as long as the persist budget allows; the test's clock jumps instead."""
     original = Engine.keeper
 
@@ -276,7 +278,7 @@ def _engine_without_sleeps(store: PortalStore, monkeypatch: pytest.MonkeyPatch) 
         return made
 
     monkeypatch.setattr(Engine, "keeper", keeper)
-    return Engine(store, orphan_grace_days=0, options=PATIENT)
+    return Engine(store, oauth_url=oauth_url, orphan_grace_days=0, options=PATIENT)
 
 
 class _Records(logging.Handler):
@@ -298,7 +300,7 @@ def _refresh_whose_write_fails(box: Sandbox, monkeypatch: pytest.MonkeyPatch) ->
     logging.getLogger("b24_cleanup.tokens").addHandler(records)
     try:
         with pytest.raises(JobFailedError) as failed:
-            _engine_without_sleeps(store, monkeypatch).run(sweep(seeded.member_id))
+            _engine_without_sleeps(store, monkeypatch, box.emulator.oauth_url).run(sweep(seeded.member_id))
     finally:
         logging.getLogger("b24_cleanup.tokens").removeHandler(records)
     assert faults.attempts["ssm.PutParameter"] >= 4
@@ -320,7 +322,9 @@ def test_a_refresh_whose_write_keeps_failing_fails_the_job(box: Sandbox, monkeyp
 def test_the_retry_after_a_lost_write_keeps_the_chain(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
     seeded, _, _ = _refresh_whose_write_fails(box, monkeypatch)
 
-    retry = run(_engine_without_sleeps(PortalStore(box.prefix), monkeypatch), sweep(seeded.member_id))
+    retry = run(
+        _engine_without_sleeps(PortalStore(box.prefix), monkeypatch, box.emulator.oauth_url), sweep(seeded.member_id)
+    )
 
     assert retry.outcome is not Outcome.REVOKED, retry.reason
     assert chain_works(box, seeded.member_id)
@@ -388,7 +392,7 @@ def test_two_jobs_for_one_expired_portal_keep_one_chain(
     results: list[JobResult] = []
 
     def job() -> None:
-        engine = Engine(box.new_store(), orphan_grace_days=0, options=RACE)
+        engine = Engine(box.new_store(), oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=RACE)
         start.wait()
         results.append(run(engine, sweep(seeded.member_id)))
 
@@ -420,7 +424,7 @@ def _app_refreshes_after_event_get(box: Sandbox, seeded: Any, monkeypatch: pytes
         answer = original(self, method, params)
         if method == "event.get" and not app_tokens:
             seeded.portal.expire_tokens(box.app)
-            access = TokenAccess(box.new_store(), settle_seconds=RACE.settle_seconds)
+            access = TokenAccess(box.new_store(), oauth_url=box.emulator.oauth_url, settle_seconds=RACE.settle_seconds)
             held = box.store.get(seeded.member_id).access_token
             app_tokens.append(access.after_expired(seeded.member_id, held).access_token)
         return answer
@@ -440,7 +444,10 @@ def test_the_app_backend_refreshing_while_a_job_unbinds(
     seeded = box.add_portal("shared.bitrix24.test", handlers=DECLARED_ROWS + ORPHAN_ROWS)
     app_tokens = _app_refreshes_after_event_get(box, seeded, monkeypatch)
 
-    result = run(Engine(box.new_store(), orphan_grace_days=0, options=RACE), sweep(seeded.member_id))
+    result = run(
+        Engine(box.new_store(), oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=RACE),
+        sweep(seeded.member_id),
+    )
 
     assert result.outcome is Outcome.CLEANED, result.reason
     assert rows(box, seeded) == {("ONCRMLEADADD", APP_URL), ("ONCRMDEALADD", "offline:")}
@@ -459,7 +466,10 @@ def test_clearing_revoked_at_keeps_a_pair_the_app_stored_meanwhile(
     seeded = box.add_portal("marked.bitrix24.test", handlers=DECLARED_ROWS, extra={"revoked_at": 1})
     _app_refreshes_after_event_get(box, seeded, monkeypatch)
 
-    result = run(Engine(box.new_store(), orphan_grace_days=0, options=RACE), sweep(seeded.member_id))
+    result = run(
+        Engine(box.new_store(), oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=RACE),
+        sweep(seeded.member_id),
+    )
 
     assert result.outcome is Outcome.CLEAN
     assert box.record(seeded.member_id).revoked_at is None
@@ -484,7 +494,10 @@ def test_the_revoked_mark_never_overwrites_a_newer_install(box: Sandbox, monkeyp
 
     monkeypatch.setattr(Engine, "_revoked", revoked)
 
-    result = run(Engine(box.new_store(), orphan_grace_days=0, options=PATIENT), sweep(seeded.member_id))
+    result = run(
+        Engine(box.new_store(), oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=PATIENT),
+        sweep(seeded.member_id),
+    )
 
     assert result.outcome is Outcome.REVOKED
     record = box.record(seeded.member_id)
@@ -512,7 +525,7 @@ def test_a_stale_uninstall_racing_a_reinstall_keeps_the_new_record(box: Sandbox)
     store.delete_if = delete_if  # type: ignore[method-assign]
     job = Job(Action.UNINSTALL, seeded.member_id, application_token=old_token, ts="1")
 
-    result = run(Engine(store, orphan_grace_days=0, options=PATIENT), job)
+    result = run(Engine(store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=PATIENT), job)
 
     assert result.outcome is Outcome.REVOKED and not result.record_deleted
     assert box.record(seeded.member_id).application_token == inst.application_token
@@ -1201,7 +1214,7 @@ def test_the_worker_compares_application_tokens_in_constant_time(
 ) -> None:
     seeded = box.add_portal("ct.bitrix24.test", handlers=DECLARED_ROWS)
     token = seeded.installation.application_token
-    engine = Engine(box.store, orphan_grace_days=0, options=PATIENT)
+    engine = Engine(box.store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=PATIENT)
 
     stale = run(engine, Job(Action.UNINSTALL, seeded.member_id, application_token=WRONG_TOKEN, ts="1"))
     assert stale.outcome is Outcome.SKIPPED

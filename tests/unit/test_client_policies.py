@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from b24_cleanup.client import MAX_REDIRECTS, PortalClient, Redirect, redirect_refusal
+from b24_cleanup.client import MAX_REDIRECTS, PortalClient, Redirect, Verdict, redirect_refusal, redirect_verdict
 from b24_cleanup.errors import (
     B24Error,
     ExpiredTokenError,
@@ -101,28 +101,48 @@ def test_client_back_off_raises_what_the_policy_gives_up_on_without_sleeping() -
 # ------------------------------------------------------------------------------------------ redirect rule
 
 OLD = "https://old.bitrix24.com/rest/event.get"
+NEW = "https://new.bitrix24.com/rest/"
+FOLLOW, CONFIRM, REFUSE = Verdict.FOLLOW, Verdict.CONFIRM, Verdict.REFUSE
 
 
 @pytest.mark.parametrize(
-    ("source", "target", "hops", "refused"),
+    ("source", "target", "hops", "confirmed", "verdict"),
     [
-        ("http://127.0.0.1:8/old/rest/event.get", "http://127.0.0.1:8/new/rest/event.get", 1, False),
-        (OLD, "https://new.bitrix24.com/rest/event.get", 1, False),  # another host: still followed today
-        ("http://old.bitrix24.com/rest/x", "https://new.bitrix24.com/rest/x", 1, False),  # an upgrade is fine
-        (OLD, "https://new.bitrix24.com/rest/event.get", MAX_REDIRECTS, False),
-        (OLD, "https://new.bitrix24.com/rest/event.get", MAX_REDIRECTS + 1, True),  # too many hops
-        (OLD, "http://new.bitrix24.com/rest/event.get", 1, True),  # https -> http: the token in clear text
-        (OLD, "HTTP://old.bitrix24.com/rest/event.get", 1, True),  # the same, spelt loud
-        (OLD, "ftp://new.bitrix24.com/rest/event.get", 1, True),  # off the web
-        (OLD, "javascript:alert(1)", 1, True),
-        (OLD, "file:///etc/passwd", 1, True),
+        # the same host (and port): followed without asking anyone
+        ("http://127.0.0.1:8/old/rest/event.get", "http://127.0.0.1:8/new/rest/event.get", 1, None, FOLLOW),
+        (OLD, "https://OLD.bitrix24.com/rest/event.get", 1, None, FOLLOW),  # host names have no case
+        ("http://old.bitrix24.com/rest/x", "https://old.bitrix24.com/rest/x", 1, None, FOLLOW),  # an upgrade
+        (OLD, "https://old.bitrix24.com/rest/event.get", MAX_REDIRECTS, None, FOLLOW),
+        # another host, or the same host on another port: only once the OAuth server names it
+        (OLD, "https://new.bitrix24.com/rest/event.get", 1, None, CONFIRM),
+        ("http://127.0.0.1:8/rest/x", "http://127.0.0.1:9/rest/x", 1, None, CONFIRM),
+        ("http://old.bitrix24.com/rest/x", "https://new.bitrix24.com/rest/x", 1, None, CONFIRM),
+        (OLD, "https://new.bitrix24.com/rest/event.get", 1, NEW, FOLLOW),
+        (OLD, "https://new.bitrix24.com:443/rest/event.get", 1, NEW, FOLLOW),  # the default port, spelt out
+        (OLD, "https://new.bitrix24.com/rest/event.get", 1, "https://other.bitrix24.com/rest/", REFUSE),
+        (OLD, "https://new.bitrix24.com:8443/rest/event.get", 1, NEW, REFUSE),  # another port
+        (OLD, "https://new.bitrix24.com/rest/event.get", 1, "http://new.bitrix24.com/rest/", REFUSE),  # scheme
+        (OLD, "https://new.bitrix24.com/rest/event.get", 1, OLD, REFUSE),  # the answer names the old address
+        # never, whatever the OAuth server says
+        (OLD, "https://old.bitrix24.com/rest/event.get", MAX_REDIRECTS + 1, None, REFUSE),  # too many hops
+        (OLD, "https://new.bitrix24.com/rest/event.get", MAX_REDIRECTS + 1, NEW, REFUSE),
+        (OLD, "http://old.bitrix24.com/rest/event.get", 1, None, REFUSE),  # https -> http: clear text
+        (OLD, "HTTP://old.bitrix24.com/rest/event.get", 1, None, REFUSE),  # the same, spelt loud
+        (OLD, "http://new.bitrix24.com/rest/event.get", 1, "http://new.bitrix24.com/rest/", REFUSE),
+        (OLD, "https://user:pw@new.bitrix24.com/rest/event.get", 1, NEW, REFUSE),  # user info
+        (OLD, "https://old.bitrix24.com:99999/rest/event.get", 1, None, REFUSE),  # no port at all
+        (OLD, "https://old.bitrix24.com/rest/ event.get", 1, None, REFUSE),  # white space
+        (OLD, "ftp://new.bitrix24.com/rest/event.get", 1, None, REFUSE),  # off the web
+        (OLD, "javascript:alert(1)", 1, None, REFUSE),
+        (OLD, "file:///etc/passwd", 1, None, REFUSE),
     ],
 )
-def test_redirect_rule(source: str, target: str, hops: int, refused: bool) -> None:
-    refusal = redirect_refusal(Redirect(source, target, 302), hops)
-    assert (refusal is not None) is refused
-    if refusal is not None:
-        assert target not in refusal  # the reason never echoes the address
+def test_redirect_rule(source: str, target: str, hops: int, confirmed: str | None, verdict: Verdict) -> None:
+    got, reason = redirect_verdict(Redirect(source, target, 302), hops, confirmed)
+    assert got is verdict
+    assert target not in reason and "new.bitrix24" not in reason  # the reason never echoes an address
+    refusal = redirect_refusal(Redirect(source, target, 302), hops, confirmed)
+    assert (refusal is None) is (verdict is FOLLOW)
 
 
 @pytest.mark.parametrize(
@@ -131,6 +151,7 @@ def test_redirect_rule(source: str, target: str, hops: int, refused: bool) -> No
         ("https://new.bitrix24.com/rest/event.get", "https://new.bitrix24.com/rest/"),
         ("http://127.0.0.1:8/new.bitrix24.test/rest/batch", "http://127.0.0.1:8/new.bitrix24.test/rest/"),
         ("https://new.bitrix24.com/somewhere/else", None),
+        ("https://new.bitrix24.com/x?next=/rest/", None),  # a query is not an address
     ],
 )
 def test_redirect_names_the_new_client_endpoint(target: str, endpoint: str | None) -> None:

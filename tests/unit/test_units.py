@@ -15,6 +15,7 @@ from b24_cleanup.errors import (
     RateLimitedError,
     RevokedError,
     TransientError,
+    UntrustedTargetError,
     classify,
     classify_oauth,
 )
@@ -182,14 +183,23 @@ def test_domain_of(endpoint: str, domain: str) -> None:
     assert domain_of(endpoint) == domain
 
 
-@pytest.mark.parametrize("member_id", ["a223c6b3710f85df22e9377d6c4f7553", "abc_1.2-3"])
+@pytest.mark.parametrize("member_id", ["a223c6b3710f85df22e9377d6c4f7553", "abc_1-2-3", "x" * 64, "A"])
 def test_valid_member_ids(member_id: str) -> None:
     assert valid_member_id(member_id)
 
 
-@pytest.mark.parametrize("member_id", ["", "..", "a/b", "../app/credentials", "x" * 129, None, 5, "a b"])
+@pytest.mark.parametrize(
+    "member_id",
+    ["", "..", "a/b", "../app/credentials", "x" * 65, None, 5, "a b", "abc_1.2-3", "\u0661\u0662", "ß"],
+)
 def test_invalid_member_ids(member_id: object) -> None:
     assert not valid_member_id(member_id)
+
+
+@pytest.mark.parametrize("tail", ["\n", "\r\n", "\r", "\x00", " ", "\t", "\u2028"])
+def test_member_id_ending_in_a_newline_is_malformed(tail: str) -> None:
+    # `$` matches before a final newline: the check must be a full match (SPEC §5 endpoint).
+    assert not valid_member_id("a223c6b3710f85df22e9377d6c4f7553" + tail)
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -267,9 +277,21 @@ def test_bad_settings_are_refused(env: dict[str, str]) -> None:
 
 def test_derive_token_url() -> None:
     assert derive_token_url("https://oauth.bitrix.info/rest/") == "https://oauth.bitrix.info/oauth/token/"
-    assert derive_token_url("http://127.0.0.1:8080/rest/") == "http://127.0.0.1:8080/oauth/token/"
-    with pytest.raises(ConfigError):
-        derive_token_url("")
+    assert derive_token_url("https://oauth.bitrix24.tech/rest/") == "https://oauth.bitrix24.tech/oauth/token/"
+    # B24_OAUTH_URL is configuration: it wins over whatever the record names.
+    assert derive_token_url("http://127.0.0.1:8080/rest/", "http://127.0.0.1:9/oauth/token/") == (
+        "http://127.0.0.1:9/oauth/token/"
+    )
+
+
+@pytest.mark.parametrize(
+    "server_endpoint",
+    ["", "http://127.0.0.1:8080/rest/", "http://oauth.bitrix.info/rest/", "https://oauth.bitrix.info.evil.com/rest/"],
+)
+def test_derive_token_url_refuses_an_untrusted_server_endpoint(server_endpoint: str) -> None:
+    with pytest.raises(UntrustedTargetError) as caught:
+        derive_token_url(server_endpoint)
+    assert "untrusted server_endpoint" in str(caught.value)
 
 
 @pytest.mark.parametrize(
