@@ -221,8 +221,9 @@ class TokenKeeper:
             )
 
     def _call_oauth(self, refresh_token: str) -> dict:
+        url = self.token_url  # an untrusted server_endpoint raises here: no OAuth call, none counted
         self.refreshed += 1
-        return self._oauth().refresh(self.token_url, refresh_token)
+        return self._oauth().refresh(url, refresh_token)
 
     def _after_refused(self, used: str, refused: InvalidGrantError) -> dict | None:
         """The OAuth server refused `used`: re-read the record once (design §5 step 3)."""

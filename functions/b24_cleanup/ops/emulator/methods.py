@@ -387,4 +387,6 @@ def call(caller: Caller, method: str, params: dict[str, Any], *, in_batch: bool 
     handler = METHODS.get(method)
     if handler is None or (method == "batch" and caller.portal.refuse_batch):
         raise ApiError("ERROR_METHOD_NOT_FOUND", None, 404)
-    return handler(caller, params)
+    result = handler(caller, params)
+    patch = caller.portal.result_patch.get(method)
+    return {**result, **patch} if patch and isinstance(result, dict) else result

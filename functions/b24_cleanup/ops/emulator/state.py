@@ -115,6 +115,7 @@ class _FailNext:
     code: str
     status: int
     methods: frozenset[str] | None
+    description: str | None = None
 
 
 @dataclass
@@ -129,8 +130,8 @@ def _status_for(code: str, default: int) -> int:
     return STATUSES.get(code, default)
 
 
-def _injected(code: str, status: int) -> ApiError:
-    return ApiError(code, None, status)
+def _injected(code: str, status: int, description: str | None = None) -> ApiError:
+    return ApiError(code, description, status)
 
 
 # -- Portal ----------------------------------------------------------------------------------
@@ -182,6 +183,7 @@ class Portal:
         self.operating_limit = OPERATING_LIMIT
         self.method_cost: dict[str, float] = {}  # simulated processing seconds billed per call
         self._operating: dict[tuple[str, str], dict[int, float]] = {}
+        self.result_patch: dict[str, dict[str, Any]] = {}  # see patch_result
 
     def __repr__(self) -> str:
         return f"Portal(name={self._name!r}, host={self._host!r}, member_id={self.member_id!r})"
@@ -245,16 +247,28 @@ class Portal:
         status: int | None = None,
         *,
         methods: set[str] | None = None,
+        description: str | None = None,
     ) -> None:
         """The next `n` top-level REST requests (of `methods`, if given) fail without executing.
 
         Counted among the requests the rate bucket admitted, before authentication. `code=
         "timeout"` drops the connection after `Emulator.timeout_delay` seconds. `status`
-        defaults to the code's documented one (500 for unknown codes).
+        defaults to the code's documented one (500 for unknown codes). `description` replaces the
+        code's `error_description` (remote text the client must treat as untrusted).
         """
         names = frozenset(m.lower() for m in methods) if methods else None
         with self._state.lock:
-            self._fail_next.append(_FailNext(n, code, status or _status_for(code, 500), names))
+            self._fail_next.append(_FailNext(n, code, status or _status_for(code, 500), names, description))
+
+    def patch_result(self, method: str, **keys: Any) -> None:
+        """Merge `keys` into every later dict result of `method` (top-level or in a batch), e.g.
+        `patch_result("event.unbind", count=float("inf"))`: a portal answering what no real one
+        would, on the wire as JSON (`Infinity` included). No keys: stop patching `method`."""
+        with self._state.lock:
+            if keys:
+                self.result_patch[method.lower()] = dict(keys)
+            else:
+                self.result_patch.pop(method.lower(), None)
 
     def fail_command(
         self,
@@ -408,6 +422,10 @@ class State:
         self._log: list[LogEntry] = []
         self._log_lock = threading.Lock()
         self._application_tokens: set[str] = set()  # every one ever issued, for leak checks
+        # What a successful refresh answer says beyond the truth (tests of answers no real server
+        # gives: `expires: Infinity`, a client_endpoint that is no URL, no scope): keys set, keys left out.
+        self.oauth_patch: dict[str, Any] = {}
+        self.oauth_omit: set[str] = set()
 
     # -- endpoints ---------------------------------------------------------------------------
     @property
@@ -674,10 +692,10 @@ class State:
             if self.rate_limit and not portal._take():
                 return Reply.error(ApiError("QUERY_LIMIT_EXCEEDED", None, 503), **log)
             rule = portal._top_fault(method)
-            fault = (rule.code, rule.status) if rule else None
+            fault = (rule.code, rule.status, rule.description) if rule else None
             if fault is None:
                 chaos = self._chaos_fault()
-                fault = (chaos, _status_for(chaos, 500)) if chaos else None
+                fault = (chaos, _status_for(chaos, 500), None) if chaos else None
             if fault is not None:
                 if fault[0] == TIMEOUT:
                     return Reply(0, drop_after=self.timeout_delay, log={**log, "error": TIMEOUT})
@@ -780,6 +798,9 @@ class State:
                 "status": app.status,
                 "user_id": pair.user_id,
             }
+            body.update(self.oauth_patch)
+            for key in self.oauth_omit:
+                body.pop(key, None)
             return Reply(200, body, log=log)
 
     # -- request log -------------------------------------------------------------------------
