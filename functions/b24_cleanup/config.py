@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    from botocore.config import Config
+
     from .store import PortalStore
 
 DEFAULT_GRACE_DAYS = 7
@@ -122,15 +124,20 @@ class Settings:
             orphan_grace_days=orphan_grace,
         )
 
-    def store(self) -> PortalStore:
-        """The store these settings name: portal records in SSM, or in the DynamoDB table (design §3a)."""
+    def store(self, boto_config: Config | None = None) -> PortalStore:
+        """The store these settings name: portal records in SSM, or in the DynamoDB table (SPEC §3a).
+
+        Its AWS clients are made with `boto_config` (default: store.BOTO_CONFIG, adaptive retries).
+        """
         if self.store_kind == "dynamodb" and self.table:
             from .dynamostore import DynamoPortalStore
 
-            return DynamoPortalStore(self.ssm_prefix, self.table, kms_key_id=self.ssm_kms_key_id)
+            return DynamoPortalStore(self.ssm_prefix, self.table, kms_key_id=self.ssm_kms_key_id, config=boto_config)
         from .store import PortalStore
 
-        return PortalStore(self.ssm_prefix, kms_key_id=self.ssm_kms_key_id, write_rate=self.ssm_write_share)
+        return PortalStore(
+            self.ssm_prefix, kms_key_id=self.ssm_kms_key_id, write_rate=self.ssm_write_share, config=boto_config
+        )
 
     def require_queue(self) -> str:
         if not self.queue_url:

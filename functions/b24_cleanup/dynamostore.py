@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import boto3
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
 from .errors import ConfigError, RecordChangedError, TransientError
@@ -47,11 +48,11 @@ _CONDITION_FAILED = "ConditionalCheckFailedException"
 MAX_CAS_ATTEMPTS = 16
 
 
-def dynamodb_client() -> DynamoDBClient:
-    """A DynamoDB client with store.py's adaptive retries; endpoints from the standard AWS variables."""
+def dynamodb_client(config: Config = BOTO_CONFIG) -> DynamoDBClient:
+    """A DynamoDB client (store.py's adaptive retries by default); endpoints from the standard AWS variables."""
     region = None if os.environ.get("AWS_DEFAULT_REGION") else os.environ.get("AWS_REGION") or None
     try:
-        return boto3.client("dynamodb", config=BOTO_CONFIG, region_name=region)
+        return boto3.client("dynamodb", config=config, region_name=region)
     except NoRegionError:
         raise ConfigError("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION, or a profile's region") from None
 
@@ -67,8 +68,9 @@ class DynamoPortalStore(PortalStore):
         *,
         ssm: SSMClient | None = None,
         kms_key_id: str | None = None,
+        config: Config | None = None,
     ) -> None:
-        super().__init__(prefix, ssm, kms_key_id=kms_key_id)
+        super().__init__(prefix, ssm, kms_key_id=kms_key_id, config=config)
         if not table:
             raise ConfigError("B24_TABLE must name the DynamoDB table of portal records when B24_STORE=dynamodb")
         self.table = table
@@ -77,7 +79,7 @@ class DynamoPortalStore(PortalStore):
     @property
     def dynamodb(self) -> DynamoDBClient:
         if self._dynamodb is None:  # created on first use, not on import (cold start)
-            self._dynamodb = dynamodb_client()
+            self._dynamodb = dynamodb_client(self._config)
         return self._dynamodb
 
     def portal_name(self, member_id: str) -> str:

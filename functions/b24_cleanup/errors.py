@@ -134,6 +134,11 @@ class MovedRecordError(ConfigError):
         super().__init__(f"the record of {member_id} moved to {where}: set B24_STORE=dynamodb and B24_TABLE to use it")
 
 
+class UnreadableRecordError(ConfigError):
+    """A portal record that is not a JSON object. Registration takes it for absent (SPEC §9); every
+    other reader stops: it cannot tell which tokens are the portal's."""
+
+
 class InvalidDeclaredSetError(ConfigError):
     """The declared handler set is invalid (design §3): a sweep must unbind nothing."""
 

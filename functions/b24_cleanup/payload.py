@@ -380,7 +380,8 @@ class InstallPost:
                 raise RegistrationInvalidError(f"auth[{key}] is missing")
         return cls(
             event=event,
-            member_id=_stripped(auth, "member_id"),
+            # Not stripped: a padded member_id (a trailing newline) is malformed, as at the uninstall path.
+            member_id=auth["member_id"] if isinstance(auth.get("member_id"), str) else "",
             application_token=_stripped(auth, "application_token"),
             refresh_token=_stripped(auth, "refresh_token"),
             server_endpoint=_stripped(auth, "server_endpoint"),

@@ -11,6 +11,9 @@ of the process, so every engine and TokenAccess of the process shares it; `reset
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from .config import Settings
@@ -29,6 +32,9 @@ _settings: Settings | None = None
 _store: PortalStore | None = None
 _sqs: SQSClient | None = None
 _engine: Engine | None = None
+# The endpoint's own clients: bounded tries, so that it answers inside its timeout (store.ENDPOINT_BOTO_CONFIG).
+_endpoint_store: PortalStore | None = None
+_endpoint_sqs: SQSClient | None = None
 
 
 def settings() -> Settings:
@@ -59,6 +65,74 @@ def sqs() -> SQSClient:
 
             _sqs = boto3.client("sqs", config=BOTO_CONFIG)
         return _sqs
+
+
+# The endpoint answers inside its timeout (25 s in template.yaml): its AWS calls start no attempt
+# later than ENDPOINT_MARGIN_SECONDS before it (one attempt, at most 3 s, and the answer fit), nor
+# more than ENDPOINT_TRYING_SECONDS into the request: a flood that throttles SSM costs quick 503s.
+ENDPOINT_MARGIN_SECONDS = 4.0
+ENDPOINT_TRYING_SECONDS = 18.0
+_request = threading.local()
+
+
+@contextmanager
+def endpoint_request(context: object) -> Iterator[float | None]:
+    """The endpoint's request on this thread: its deadline (time.monotonic, None without a Lambda context)."""
+    try:
+        remaining = context.get_remaining_time_in_millis() / 1000.0  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        remaining = None
+    _request.deadline = (
+        None
+        if remaining is None
+        else time.monotonic() + min(ENDPOINT_TRYING_SECONDS, max(0.0, remaining - ENDPOINT_MARGIN_SECONDS))
+    )
+    try:
+        yield _request.deadline
+    finally:
+        _request.deadline = None
+
+
+def endpoint_deadline() -> float | None:
+    """By when the endpoint's request on this thread must stop trying AWS (and start no OAuth call)."""
+    return getattr(_request, "deadline", None)
+
+
+def endpoint_store() -> PortalStore:
+    """The store the uninstall endpoint reads (and registration writes) through: bounded tries."""
+    global _endpoint_store
+    with _lock:
+        if _endpoint_store is None:
+            from .store import ENDPOINT_BOTO_CONFIG, stop_at
+
+            _endpoint_store = settings().store(ENDPOINT_BOTO_CONFIG)
+            for client in _endpoint_store.clients():  # the reader and the writer
+                stop_at(client, endpoint_deadline)
+            records = getattr(_endpoint_store, "dynamodb", None)  # B24_STORE=dynamodb: its other client
+            if records is not None:
+                stop_at(records, endpoint_deadline)
+        return _endpoint_store
+
+
+def endpoint_sqs() -> SQSClient:
+    """The SQS client the uninstall endpoint sends its one message with: bounded tries."""
+    global _endpoint_sqs
+    with _lock:
+        if _endpoint_sqs is None:
+            import boto3
+
+            from .store import ENDPOINT_BOTO_CONFIG, stop_at
+
+            _endpoint_sqs = stop_at(boto3.client("sqs", config=ENDPOINT_BOTO_CONFIG), endpoint_deadline)
+        return _endpoint_sqs
+
+
+def endpoint_queue() -> JobQueue:
+    """The job queue as the endpoint sends to it (ConfigError when B24_QUEUE_URL is not set)."""
+    from .queue import JobQueue
+
+    with _lock:
+        return JobQueue(endpoint_sqs(), settings().require_queue())
 
 
 def queue() -> JobQueue:
@@ -95,12 +169,12 @@ def use_engine(engine: Engine) -> None:
 def created() -> int:
     """How many stores and SQS clients exist (a request rejected before verification must create none)."""
     with _lock:
-        return (_store is not None) + (_sqs is not None)
+        return sum(client is not None for client in (_store, _sqs, _endpoint_store, _endpoint_sqs))
 
 
 def reset() -> None:
     """Forget settings, clients and engine, and empty the token-chain state (tests, the demo)."""
-    global _settings, _store, _sqs, _engine
+    global _settings, _store, _sqs, _engine, _endpoint_store, _endpoint_sqs
     with _lock:
-        _settings = _store = _sqs = _engine = None
+        _settings = _store = _sqs = _engine = _endpoint_store = _endpoint_sqs = None
         _chains.reset()

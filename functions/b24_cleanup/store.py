@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
 from . import logsafety  # noqa: F401 - imported for its effect: no secrets in DEBUG logs
-from .errors import ConfigError, MovedRecordError, TransientError
+from .errors import ConfigError, MovedRecordError, TransientError, UnreadableRecordError
 from .record import PortalRecord, valid_member_id
 
 if TYPE_CHECKING:
@@ -30,6 +30,28 @@ if TYPE_CHECKING:
 # SSM allows ~40 reads/s and a few writes/s per account: throttling is normal at scale, and
 # botocore's adaptive mode both retries and slows the caller down (design §11.4).
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, connect_timeout=5, read_timeout=10)
+# The endpoint answers Bitrix24 inside its own 25 s timeout. Forged requests are free to send and each
+# costs one GetParameter, so a flood throttles SSM: the endpoint's clients try three times in all,
+# briefly (throttled: a few seconds a call, standard backoff), start no attempt after the request's
+# deadline (:func:`stop_at`), and the request is answered 503, never left to a platform timeout
+# (SPEC §5). No adaptive mode: its client-side rate limiter is what held one request ~84 s.
+ENDPOINT_BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 3}, connect_timeout=1, read_timeout=2)
+
+
+def stop_at(client: Any, deadline: Callable[[], float | None]) -> Any:
+    """Make `client` start no attempt (first or retry) once `deadline()` (time.monotonic) has passed.
+
+    botocore has no total limit for a call; this bounds one at the deadline plus one attempt.
+    """
+
+    def check(**_: Any) -> None:
+        limit = deadline()
+        if limit is not None and time.monotonic() >= limit:
+            raise TransientError("AWS_OUT_OF_TIME", "no time left for another AWS attempt")
+
+    client.meta.events.register("before-send.*.*", check, unique_id="b24-cleanup-stop-at")
+    return client
+
 
 # Writes go through a client of their own: the caller (tokens.persist) retries them within the time
 # it has, so botocore gets few attempts and no client-side limiter (the WritePacer paces instead; an
@@ -40,7 +62,7 @@ _THROTTLE_CODES = {"ThrottlingException", "TooManyUpdates", "InternalServerError
 
 
 def ssm_client(config: Config = BOTO_CONFIG) -> SSMClient:
-    """An SSM client with adaptive retries; endpoints come from the standard AWS variables."""
+    """An SSM client (adaptive retries by default); endpoints come from the standard AWS variables."""
     # botocore reads AWS_DEFAULT_REGION or a profile; AWS_REGION (what Lambda and most tools set)
     # is honoured as a fallback so that the CLI behaves like the AWS CLI v2.
     region = None if os.environ.get("AWS_DEFAULT_REGION") else os.environ.get("AWS_REGION") or None
@@ -140,6 +162,7 @@ class PortalStore:
         *,
         kms_key_id: str | None = None,
         write_rate: float | None = None,
+        config: Config | None = None,
     ) -> None:
         prefix = (prefix or "").rstrip("/")
         if not prefix.startswith("/") or len(prefix) < 2:
@@ -150,18 +173,21 @@ class PortalStore:
         self._writer: SSMClient | None = client
         self.kms_key_id = kms_key_id  # for new parameters only: an overwrite keeps the key it finds
         self.pacer = WritePacer(write_rate) if write_rate else None  # SSM writes/s of this process
+        # For the clients made on first use; a caller's own config (the endpoint's) serves the writes too.
+        self._config = config or BOTO_CONFIG
+        self._write_config = config or WRITE_BOTO_CONFIG
 
     @property
     def client(self) -> SSMClient:
         if self._client is None:  # created on first use, not on import (cold start)
-            self._client = ssm_client()
+            self._client = ssm_client(self._config)
         return self._client
 
     @property
     def writer(self) -> SSMClient:
         """The client of the SSM writes (and their DescribeParameters): bounded retries, see WRITE_BOTO_CONFIG."""
         if self._writer is None:
-            self._writer = ssm_client(WRITE_BOTO_CONFIG)
+            self._writer = ssm_client(self._write_config)
         return self._writer
 
     def clients(self) -> tuple[SSMClient, ...]:
@@ -235,8 +261,8 @@ class PortalStore:
             raise MovedRecordError(member_id, text)
         try:
             return PortalRecord.from_json(text)
-        except ValueError:
-            raise ConfigError(f"portal record of {member_id} is not a JSON object") from None
+        except (ValueError, RecursionError):
+            raise UnreadableRecordError(f"portal record of {member_id} is not a JSON object") from None
 
     def put(self, member_id: str, record: PortalRecord, *, secure: bool = False) -> None:
         """Write the whole record, keeping the parameter's type, KMS key and tier.

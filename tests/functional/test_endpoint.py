@@ -119,7 +119,7 @@ def endpoint_metrics(stdout: Stdout) -> dict[str, float]:
 
 def watched(api_calls: Any) -> Any:
     """Create the endpoint's clients up front so that every AWS call they make is recorded."""
-    return api_calls.watch(runtime.store().client, runtime.sqs())
+    return api_calls.watch(runtime.endpoint_store().client, runtime.endpoint_sqs())
 
 
 # -- accepted ---------------------------------------------------------------------------------------
@@ -392,6 +392,22 @@ def test_malformed_member_id_is_401_without_any_aws_call(
 
 
 @pytest.mark.parametrize(
+    "member_id",
+    [MEMBER_ID + "\n", MEMBER_ID + "\r\n", MEMBER_ID + "\r", "\n" + MEMBER_ID, MEMBER_ID + " ", "a.b", "a" * 65],
+)
+def test_member_id_ending_in_a_newline_is_401_before_any_aws_call(
+    mock_aws: AwsAccount, lambda_context: Any, api_calls: Any, member_id: str
+) -> None:
+    """`$` matches before a final newline; SPEC §5 wants 1-64 of [A-Za-z0-9_-], wholly (item 11)."""
+    versions = mock_aws.param_versions()
+    calls = watched(api_calls)
+    answer = invoke(http_event(form_body(auth_member_id=member_id)), lambda_context)
+    assert (answer["statusCode"], answer["body"]) == (401, UNAUTHORIZED_BODY)
+    assert calls == []
+    assert_no_side_effect(mock_aws, versions)
+
+
+@pytest.mark.parametrize(
     "token",
     [
         APPLICATION_TOKEN[:-1],
@@ -476,7 +492,7 @@ def test_registered_install_is_200(
 
     seen: list[Any] = []
 
-    def fake_register(post: Any, store: Any, *, oauth_url: str | None = None) -> Any:
+    def fake_register(post: Any, store: Any, *, oauth_url: str | None = None, **_: Any) -> Any:
         seen.append(post)
         return registration.Registration(member_id=MEMBER_ID, event="ONAPPINSTALL", created=False)
 
@@ -529,7 +545,7 @@ def _client_error(code: str, status: int) -> ClientError:
 def test_ssm_failure_is_503(
     mock_aws: AwsAccount, lambda_context: Any, stdout: Stdout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = runtime.store()
+    store = runtime.endpoint_store()
 
     def throttled(**_: Any) -> None:
         raise _client_error("ThrottlingException", 400)
@@ -549,7 +565,7 @@ def test_sqs_failure_is_503(
     def refused(**_: Any) -> None:
         raise _client_error("InternalError", 500)
 
-    monkeypatch.setattr(runtime.sqs(), "send_message", refused)
+    monkeypatch.setattr(runtime.endpoint_sqs(), "send_message", refused)
     answer = invoke(load_event("uninstall_form.json"), lambda_context)
     assert answer["statusCode"] == 503
     assert stdout.metric_values() == {}

@@ -206,7 +206,7 @@ def post_uninstall(box: Sandbox, seeded: Any, token: str) -> dict[str, Any]:
 def test_endpoint_ssm_and_sqs_faults_are_retried_and_queue_one_job(handler_env: Sandbox) -> None:
     box = handler_env
     seeded = box.add_portal("bye.bitrix24.test", handlers=DECLARED_ROWS)
-    faults = AwsFaults().attach(runtime.store().client, runtime.sqs())
+    faults = AwsFaults().attach(runtime.endpoint_store().client, runtime.endpoint_sqs())
     faults.fail_next("ssm.GetParameter", "5xx", "reset")
     faults.fail_next("sqs.SendMessage", "5xx", "lost_reply")  # the lost reply's message did arrive
 
@@ -578,7 +578,7 @@ class Outbound:
 @pytest.fixture
 def watched_endpoint(mock_aws: AwsAccount, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[AwsLog, Outbound]]:
     runtime.reset()
-    log = AwsLog().watch(runtime.store().client, runtime.sqs())
+    log = AwsLog().watch(runtime.endpoint_store().client, runtime.endpoint_sqs())
     outbound = Outbound().install(monkeypatch)
     yield log, outbound
     runtime.reset()
@@ -1081,7 +1081,7 @@ def install_endpoint(
         monkeypatch.setenv("B24_ACCEPT_INSTALL", "true")
         monkeypatch.setenv("B24_OAUTH_URL", emu.oauth_url)
         runtime.reset()
-        log = AwsLog().watch(runtime.store().client, runtime.sqs())
+        log = AwsLog().watch(runtime.endpoint_store().client, runtime.endpoint_sqs())
         outbound = Outbound(allow=(emu.oauth_url,)).install(monkeypatch)
         yield log, outbound, emu
         runtime.reset()
@@ -1153,7 +1153,7 @@ def untrusted_endpoint(mock_aws: AwsAccount, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("B24_ACCEPT_INSTALL", "true")
     monkeypatch.delenv("B24_OAUTH_URL", raising=False)
     runtime.reset()
-    log = AwsLog().watch(runtime.store().client, runtime.sqs())
+    log = AwsLog().watch(runtime.endpoint_store().client, runtime.endpoint_sqs())
     outbound = Outbound().install(monkeypatch)  # blocks everything: even a trusted host is unreachable
     yield log, outbound
     runtime.reset()

@@ -8,7 +8,7 @@ Decided in this order, so that a spoofed or malformed request never reaches a wr
 
 The only 5xx is 503, when SSM or SQS fails while handling a request that may be genuine: the
 record read has to happen before we can tell, so a transient SSM failure on a spoofed request
-is answered 503 too — it depends on our state, never on the input, and writes nothing.
+is answered 503 too — our state, never the input; nothing written; in time (runtime.endpoint_request).
 
 Not Powertools' `LambdaFunctionUrlResolver`: it answers an unrouted method 404 (design §5: 405), routes
 by path (Bitrix24 may post to any path) and decodes the body leniently with no size bound (design §5:
@@ -82,19 +82,18 @@ def _request(event: dict[str, Any]) -> tuple[str | None, str | None]:
 
 
 def _register(post: InstallPost) -> dict[str, Any]:
-    """ONAPPINSTALL / ONAPPUPDATE with B24_ACCEPT_INSTALL=true (design §9): not vouched for → 401, the
-    body of a spoofed uninstall; our own SSM or configuration failing → 503 (it may be genuine).
-    Imported here, not at the top: an uninstall-only deployment never loads the OAuth client."""
+    """ONAPPINSTALL / ONAPPUPDATE with B24_ACCEPT_INSTALL=true (SPEC §9): not vouched for → 401 (a spoofed
+    uninstall's body); our own state failing → 503. Imported late: uninstall-only never loads OAuth."""
     from .. import registration
 
     try:
-        result = registration.register(post, runtime.store(), oauth_url=runtime.settings().oauth_url)
+        settings, deadline = runtime.settings(), runtime.endpoint_deadline()
+        result = registration.register(post, runtime.endpoint_store(), oauth_url=settings.oauth_url, deadline=deadline)
     except errors.RegistrationRejectedError as exc:
         raise Rejected(401, UNAUTHORIZED, str(exc), exc.member_id, metric="InstallsRejected") from None
     except DEPENDENCY_ERRORS as exc:
         raise Unavailable(f"registering the install failed: {type(exc).__name__}: {exc}") from None
-    extra = {"member_id": result.member_id, "event": result.event, "new_record": result.created}
-    logger.info("install registered", extra=extra)
+    logger.info(f"{result.event} registered", extra={"member_id": result.member_id, "new_record": result.created})
     publish(ACTION, {"InstallsRegistered": 1})
     return _response(200, {"status": "registered"})
 
@@ -120,7 +119,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
     if isinstance(post, InstallPost):
         return _register(post)
     try:
-        uninstall.accept(post, runtime.store, runtime.queue)
+        uninstall.accept(post, runtime.endpoint_store, runtime.endpoint_queue)
     except errors.UnauthorizedError as exc:
         raise Rejected(401, UNAUTHORIZED, str(exc), exc.member_id) from None
     except DEPENDENCY_ERRORS as exc:
@@ -137,7 +136,8 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     """Function URL entry point: every 4xx is counted (`UninstallRejected`, or `InstallsRejected` for a
     refused registration) and logged with its reason; the event itself is never logged."""
     try:
-        return handle(event)
+        with runtime.endpoint_request(context):
+            return handle(event)
     except Rejected as rejected:
         extra = {"status": rejected.status, "reason": rejected.reason, "member_id": rejected.member_id}
         extra = {key: value for key, value in extra.items() if value is not None}
