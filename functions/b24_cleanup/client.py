@@ -265,8 +265,9 @@ class PortalClient:
         """
         verdict, reason = redirect_verdict(redirect, hops, self._confirmed)
         if verdict is Verdict.CONFIRM:
-            log.info("portal %s redirected to another host; asking the OAuth server", self.tokens.member_id)
-            self.tokens.refresh()  # raises what a refresh raises: revoked, untrusted, transient
+            if not self.tokens.fresh:  # a refresh made just now has said its word already
+                log.info("portal %s redirected to another host; asking the OAuth server", self.tokens.member_id)
+                self.tokens.refresh()  # raises what a refresh raises: revoked, untrusted, transient
             self._confirmed = self.tokens.record.client_endpoint
             token = self.tokens.record.access_token
             verdict, reason = redirect_verdict(redirect, hops, self._confirmed)
@@ -329,7 +330,7 @@ class PortalClient:
                 err = failed[c.key] if isinstance(failed[c.key], dict) else {}
                 out[c.key] = CommandResult(
                     error=make_error(
-                        str(err.get("error") or "UNKNOWN")[:100],
+                        scrub(err.get("error") or "UNKNOWN", 100),
                         scrub(err.get("error_description")),
                         method=c.method,
                     )
@@ -369,7 +370,7 @@ def _read(response: Answer, method: str) -> Any:
     body = response.json()
     if isinstance(body, dict) and body.get("error"):
         error = make_error(
-            str(body["error"])[:100],
+            scrub(body["error"], 100),
             scrub(body.get("error_description")),
             status=response.status,
             method=method,

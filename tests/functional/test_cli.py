@@ -280,7 +280,10 @@ def test_a_prefix_without_a_leading_slash_blames_the_option(box: Sandbox, prefix
     assert err.startswith("b24-cleanup: --prefix must be an absolute SSM path") and "B24_SSM_PREFIX" not in err
 
 
-def test_register_refusal_says_when_oauth_url_is_needed(box: Sandbox, tmp_path: Path) -> None:
+def test_register_refusal_says_when_oauth_url_is_needed(
+    box: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("B24_OAUTH_URL")  # the box's environment configures it: here nobody did
     portal = box.emulator.add_portal("reg.bitrix24.test")
     path = tmp_path / "install.txt"
     path.write_text(urlencode(payloads.install_form(box.emulator.state, box.emulator.install(portal, box.app))))

@@ -96,6 +96,16 @@ def test_redirect_to_another_host_confirmed_by_the_oauth_server_is_followed_and_
     assert foreign_arrivals(box) == []
 
 
+def test_a_refresh_made_just_now_decides_a_move_without_another_oauth_call(box: Sandbox) -> None:
+    seeded = box.add_portal("due.bitrix24.test", handlers=ROWS, expired=True)
+    seeded.portal.hostile.redirect()
+
+    result = engine(box).run(sweep(seeded))
+
+    assert result.outcome is Outcome.INCOMPLETE and result.refreshed == 1  # the due refresh, nothing more
+    assert foreign_arrivals(box) == []
+
+
 def test_an_unconfirmed_redirect_of_a_dry_run_or_an_uninstall_sends_nothing_either(box: Sandbox) -> None:
     seeded = box.add_portal("dry.bitrix24.test", handlers=ROWS)
     seeded.portal.hostile.redirect()

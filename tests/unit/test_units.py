@@ -318,3 +318,27 @@ def test_trusted_token_url_override_wins() -> None:
     assert trusted_token_url("https://evil.com/rest/", "http://127.0.0.1:1/oauth/token/") == (
         "http://127.0.0.1:1/oauth/token/"
     )
+
+
+# ------------------------------------------------------------------------------------------ remote text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("QUERY_LIMIT_EXCEEDED", "QUERY_LIMIT_EXCEEDED"),  # codes are split by `_`: kept
+        ("Internationalization matters", "Internationalization matters"),  # a long word without digits
+        ("token 0123456789abcdef0123 refused", "token [redacted] refused"),  # 20 with a digit
+        ("secret " + "a" * 50, "secret [redacted]"),  # 24+ of anything: a client secret
+        ("ERR_" + "f" * 64, "ERR_[redacted]"),  # a code carrying a token
+        ("line one\nline two\r\x00three", "line one line two three"),  # one line, no control characters
+        ("x" * 500, "[redacted]"),
+        (None, ""),
+        (404, "404"),
+    ],
+)
+def test_scrub_makes_remote_text_safe_to_log(text: object, expected: str) -> None:
+    from b24_cleanup.logsafety import scrub
+
+    assert scrub(text) == expected
+    assert len(scrub("word " * 100)) <= 200
