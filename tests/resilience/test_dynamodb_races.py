@@ -83,13 +83,15 @@ def test_a_mark_loses_to_a_refresh_and_decides_again(box: Sandbox, monkeypatch: 
     def write(member_id: str, record: PortalRecord, expected_version: int) -> int:
         if not raced and "revoked_at" not in record.data:  # the job clearing the stale mark
             seeded.portal.expire_tokens(box.app)
-            access = TokenAccess(box.new_store(), settle_seconds=FAST.settle_seconds)
+            access = TokenAccess(box.new_store(), oauth_url=box.emulator.oauth_url, settle_seconds=FAST.settle_seconds)
             raced.append(access.after_expired(member_id, record.access_token).access_token)
         return original_write(member_id, record, expected_version)
 
     monkeypatch.setattr(store, "write", write)
 
-    result = run(Engine(store, orphan_grace_days=0, options=FAST), sweep(seeded.member_id))
+    result = run(
+        Engine(store, oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=FAST), sweep(seeded.member_id)
+    )
 
     assert result.outcome is Outcome.CLEANED, result.reason
     final = box.record(seeded.member_id)
@@ -102,7 +104,9 @@ def _child(member_id: str, prefix: str, table: str, env: dict[str, str], out: An
     """A second process asking for a token, against moto's server and the same emulator."""
     os.environ.update(env)
     try:
-        portal = TokenAccess(DynamoPortalStore(prefix, table), settle_seconds=0.5).get(member_id)
+        portal = TokenAccess(
+            DynamoPortalStore(prefix, table), oauth_url=os.environ["B24_OAUTH_URL"], settle_seconds=0.5
+        ).get(member_id)
         out.put(("ok", portal.access_token))
     except Exception as exc:
         out.put(("error", type(exc).__name__))
@@ -138,13 +142,16 @@ def test_threads_and_a_second_process_end_with_one_chain_on_dynamodb() -> None:
             ctx = multiprocessing.get_context("spawn")
             out = ctx.Queue()
             env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PYTHON"))}
+            env["B24_OAUTH_URL"] = emu.oauth_url  # the emulator is no trusted OAuth host
             child = ctx.Process(target=_child, args=(portal.member_id, "/race", "race", env, out))
             child.start()
             results: list[tuple[str, str]] = []
 
             def ask() -> None:
                 try:
-                    access = TokenAccess(DynamoPortalStore("/race", "race"), settle_seconds=0.5)
+                    access = TokenAccess(
+                        DynamoPortalStore("/race", "race"), oauth_url=emu.oauth_url, settle_seconds=0.5
+                    )
                     results.append(("ok", access.get(portal.member_id).access_token))
                 except Exception as exc:
                     results.append(("error", type(exc).__name__))
