@@ -114,7 +114,7 @@ def origin_of(url: str) -> tuple[str, str, int] | None:
 
 
 def redirect_verdict(redirect: Redirect, hops: int, confirmed_endpoint: str | None = None) -> tuple[Verdict, str]:
-    """The one redirect rule (SPEC §5 step 3): may the request and its token go to the target?
+    """The one redirect rule (design §5 step 3): may the request and its token go to the target?
 
     `hops` counts this request's redirects, this one included; `confirmed_endpoint` is the
     client_endpoint the OAuth server named in a refresh made for this move (None: none made yet).
@@ -257,7 +257,7 @@ class PortalClient:
     def _follow(self, redirect: Redirect, hops: int, method: str, token: str) -> tuple[str, str]:
         """Apply the redirect rule: the URL and token to send next, or UntrustedTargetError.
 
-        A move to another host costs one refresh (SPEC §5 step 3): the OAuth server's answer names
+        A move to another host costs one refresh (design §5 step 3): the OAuth server's answer names
         the portal's address, and only that address is followed. The refresh stores what it says of
         `client_endpoint` and `domain`; `moved_to` tells the caller the followed address, and
         storing it is the caller's business (the engine does, except in a dry run), never a write

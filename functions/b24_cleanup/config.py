@@ -125,7 +125,7 @@ class Settings:
         )
 
     def store(self, boto_config: Config | None = None) -> PortalStore:
-        """The store these settings name: portal records in SSM, or in the DynamoDB table (SPEC §3a).
+        """The store these settings name: portal records in SSM, or in the DynamoDB table (design §3a).
 
         Its AWS clients are made with `boto_config` (default: store.BOTO_CONFIG, adaptive retries).
         """

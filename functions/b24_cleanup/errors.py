@@ -135,7 +135,7 @@ class MovedRecordError(ConfigError):
 
 
 class UnreadableRecordError(ConfigError):
-    """A portal record that is not a JSON object. Registration takes it for absent (SPEC §9); every
+    """A portal record that is not a JSON object. Registration takes it for absent (design §9); every
     other reader stops: it cannot tell which tokens are the portal's."""
 
 

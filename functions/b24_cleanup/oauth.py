@@ -2,7 +2,7 @@
 
 The request carries the client secret and the refresh token in its query string (the documented
 GET), so nothing about the request — not even the URL requests puts into its exception texts —
-may reach a message or a log line. And it goes only to a trusted token URL (SPEC §5 step 3, §9):
+may reach a message or a log line. And it goes only to a trusted token URL (design §5 step 3, §9):
 `B24_OAUTH_URL` when set, else one derived from a `server_endpoint` that names Bitrix24's own OAuth
 server exactly — whoever wrote the record (this service's registration, the app's own install flow,
 an operator), a record naming any other host never receives the client secret or a refresh token.
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"b24-cleanup/{__version__}"
 # (connect timeout, total time limit of one refresh from connect to last byte).
 DEFAULT_TIMEOUT = (3.05, 15.0)
-# The only hosts a token URL may be derived from (SPEC §5 step 3, §9).
+# The only hosts a token URL may be derived from (design §5 step 3, §9).
 TRUSTED_OAUTH_HOSTS = frozenset({"oauth.bitrix.info", "oauth.bitrix24.tech"})
 UNTRUSTED_SERVER_ENDPOINT = "untrusted server_endpoint"
 # An answer's `expires` / `expires_in` beyond this is not an expiry (a year: tokens live an hour).
@@ -53,7 +53,7 @@ def derive_token_url(server_endpoint: str, override: str | None = None) -> str:
 
 
 def trusted_token_url(server_endpoint: str, override: str | None) -> str | None:
-    """The token URL that may be trusted for a `server_endpoint`, or None (SPEC §5 step 3, §9).
+    """The token URL that may be trusted for a `server_endpoint`, or None (design §5 step 3, §9).
 
     `override` (B24_OAUTH_URL) always wins. Otherwise only https on the default port, no user
     info, and a host that is exactly one of Bitrix24's OAuth servers.
@@ -175,7 +175,7 @@ def apply_refresh(record_data: dict[str, Any], answer: dict[str, Any]) -> None:
     # after the refresh token was spent, so it must not raise, whatever the answer holds.
     if valid_endpoint(endpoint):
         assert isinstance(endpoint, str)
-        # The refresh answer tracks portal renames (reference §7, §8).
+        # The refresh answer tracks portal renames (design §10.7, §8).
         record_data["client_endpoint"] = endpoint
         domain = domain_of(endpoint)
         if domain:

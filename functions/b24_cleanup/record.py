@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-# Real member ids are 32 hex digits. SPEC §5: 1-64 ASCII letters, digits, `_` or `-`, wholly: anything
+# Real member ids are 32 hex digits. design §5: 1-64 ASCII letters, digits, `_` or `-`, wholly: anything
 # else (a path, a dot, a trailing newline, which `$` would let through) is refused before any AWS call.
 MEMBER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -112,7 +112,7 @@ class PortalRecord:
 
 
 def domain_of(client_endpoint: str) -> str:
-    """The portal's domain for a `client_endpoint`: its host (SPEC §3, §9), e.g.
+    """The portal's domain for a `client_endpoint`: its host (design §3, §9), e.g.
     `https://example.bitrix24.com/rest/` → `example.bitrix24.com` ("" when it names none)."""
     try:
         return urlsplit(client_endpoint).hostname or ""

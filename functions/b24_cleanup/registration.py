@@ -63,7 +63,7 @@ def register(
     posted token is only spent while there is time to store the pair, and storing it may use all of
     what is left.
 
-    Everything that can fail on our side is done *before* the posted refresh token is spent (SPEC
+    Everything that can fail on our side is done *before* the posted refresh token is spent (design
     §9): the app's credentials and the portal's existing record are read first, so that a failing
     or throttled SSM read costs a retryable error with the token still unspent. Once the OAuth
     server has rotated the pair, storing it comes first, and nothing that the answer holds can make
@@ -173,7 +173,7 @@ def _store_first(
     deadline: float | None,
     sleep: Callable[[float], None],
 ) -> None:
-    """Write the spent token's pair, retrying transient failures within the time left (SPEC §9, §5 step 3).
+    """Write the spent token's pair, retrying transient failures within the time left (design §9, §5 step 3).
 
     Without a deadline (the CLI, the app's own install handler) it tries STORE_ATTEMPTS times.
     """

@@ -34,7 +34,7 @@ BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, connect_t
 # costs one GetParameter, so a flood throttles SSM: the endpoint's clients try three times in all,
 # briefly (throttled: a few seconds a call, standard backoff), start no attempt after the request's
 # deadline (:func:`stop_at`), and the request is answered 503, never left to a platform timeout
-# (SPEC §5). No adaptive mode: its client-side rate limiter is what held one request ~84 s.
+# (design §5). No adaptive mode: its client-side rate limiter is what held one request ~84 s.
 ENDPOINT_BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 3}, connect_timeout=1, read_timeout=2)
 
 

@@ -1,4 +1,4 @@
-"""Bounded HTTP for every request to a portal or the OAuth server (SPEC §5 step 3).
+"""Bounded HTTP for every request to a portal or the OAuth server (design §5 step 3).
 
 `requests`' timeout is per socket read: a host that sends one byte every second never trips it,
 and nothing bounds the size of an answer. A hostile or broken portal could so hold a worker

@@ -398,7 +398,7 @@ def test_malformed_member_id_is_401_without_any_aws_call(
 def test_member_id_ending_in_a_newline_is_401_before_any_aws_call(
     mock_aws: AwsAccount, lambda_context: Any, api_calls: Any, member_id: str
 ) -> None:
-    """`$` matches before a final newline; SPEC §5 wants 1-64 of [A-Za-z0-9_-], wholly (item 11)."""
+    """`$` matches before a final newline; design §5 wants 1-64 of [A-Za-z0-9_-], wholly (item 11)."""
     versions = mock_aws.param_versions()
     calls = watched(api_calls)
     answer = invoke(http_event(form_body(auth_member_id=member_id)), lambda_context)

@@ -390,7 +390,7 @@ def test_a_dry_run_follows_a_renamed_portal_and_keeps_only_the_refresh_it_made(b
 
     assert result.outcome is Outcome.CLEANED and result.unbound == 1  # planned at the new address
     after = box.record(seeded.member_id).data
-    # The move to another host cost a refresh, and a rotated pair is never dropped (SPEC §4
+    # The move to another host cost a refresh, and a rotated pair is never dropped (design §4
     # B24_DRY_RUN): the pair and what the OAuth answer said of the address are stored, nothing else.
     changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
     assert changed <= {"access_token", "refresh_token", "expires", "client_endpoint", "domain"}

@@ -70,6 +70,7 @@ def box() -> Iterator[Sandbox]:
 def engine(box: Sandbox, **kwargs: Any) -> Engine:
     kwargs.setdefault("options", FAST)
     kwargs.setdefault("orphan_grace_days", 0)  # orphans may go at once here (held orphans: test_held_orphans.py)
+    kwargs.setdefault("oauth_url", box.emulator.oauth_url)  # the emulator is no trusted OAuth host
     return Engine(box.store, **kwargs)
 
 

@@ -641,7 +641,7 @@ def check_endpoint(event: dict[str, Any], log: AwsLog, outbound: Outbound, *, in
         assert writes == [], calls
     if installs and len(reads) == 2:
         # Registration reads the app's credentials and the posted portal's record *before* it spends
-        # the posted token (SPEC §9), so that a failing read costs a 503 and not the chain.
+        # the posted token (design §9), so that a failing read costs a 503 and not the chain.
         assert reads[0] == "/b24-cleanup/test/app/credentials", reads
         assert reads[1].startswith("/b24-cleanup/test/portals/"), reads
     else:

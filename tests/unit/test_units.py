@@ -198,7 +198,7 @@ def test_invalid_member_ids(member_id: object) -> None:
 
 @pytest.mark.parametrize("tail", ["\n", "\r\n", "\r", "\x00", " ", "\t", "\u2028"])
 def test_member_id_ending_in_a_newline_is_malformed(tail: str) -> None:
-    # `$` matches before a final newline: the check must be a full match (SPEC §5 endpoint).
+    # `$` matches before a final newline: the check must be a full match (design §5 endpoint).
     assert not valid_member_id("a223c6b3710f85df22e9377d6c4f7553" + tail)
 
 

@@ -82,7 +82,7 @@ def _request(event: dict[str, Any]) -> tuple[str | None, str | None]:
 
 
 def _register(post: InstallPost) -> dict[str, Any]:
-    """ONAPPINSTALL / ONAPPUPDATE with B24_ACCEPT_INSTALL=true (SPEC §9): not vouched for → 401 (a spoofed
+    """ONAPPINSTALL / ONAPPUPDATE with B24_ACCEPT_INSTALL=true (design §9): not vouched for → 401 (a spoofed
     uninstall's body); our own state failing → 503. Imported late: uninstall-only never loads OAuth."""
     from .. import registration
 

@@ -106,7 +106,7 @@ def process(event: dict[str, Any], context: LambdaContext | None = None) -> dict
 
 
 # log_event=False whatever POWERTOOLS_LOGGER_LOG_EVENT says: an uninstall job carries the portal's
-# application_token, which must never reach a log line (SPEC §7); the endpoint and scheduler do the same.
+# application_token, which must never reach a log line (design §7); the endpoint and scheduler do the same.
 @logger.inject_lambda_context(log_event=False, clear_state=True)
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:

@@ -77,8 +77,8 @@ class Sandbox:
         return PortalStore(self.prefix)
 
     def env(self, **overrides: str) -> dict[str, str]:
-        """The SPEC §4 environment for the handlers, pointed at this sandbox."""
-        # The emulator's OAuth server is no trusted host (SPEC §5 step 3): it is configured, as a
+        """The design §4 environment for the handlers, pointed at this sandbox."""
+        # The emulator's OAuth server is no trusted host (design §5 step 3): it is configured, as a
         # deployment against an emulator would configure it.
         env = {"B24_SSM_PREFIX": self.prefix, "B24_QUEUE_URL": self.queue_url, "B24_OAUTH_URL": self.emulator.oauth_url}
         if self.table:
