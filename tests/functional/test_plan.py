@@ -33,6 +33,7 @@ DECLARED = [
 def box(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
     with sandbox(declared=DECLARED) as sb:
         monkeypatch.setenv("B24_SSM_PREFIX", sb.prefix)
+        monkeypatch.setenv("B24_OAUTH_URL", sb.emulator.oauth_url)  # the emulator is no trusted OAuth host
         monkeypatch.setenv("B24_ORPHAN_GRACE_DAYS", "2")
         yield sb
 

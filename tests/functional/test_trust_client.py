@@ -52,6 +52,7 @@ def box() -> Iterator[Sandbox]:
 def engine(box: Sandbox, **kwargs: Any) -> Engine:
     kwargs.setdefault("oauth_url", box.emulator.oauth_url)
     kwargs.setdefault("options", FAST)
+    kwargs.setdefault("orphan_grace_days", 0)  # the orphans here may go at once (test_held_orphans.py holds them)
     return Engine(box.store, **kwargs)
 
 
