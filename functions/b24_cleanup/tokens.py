@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from .errors import InvalidGrantError, PermanentError, RevokedError, TransientError
 from .oauth import OAuthClient, derive_token_url
-from .record import PortalRecord, domain_of
+from .record import PortalRecord, domain_of, valid_endpoint
 from .store import PortalStore
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,10 @@ def pair_of(answer: Mapping[str, Any]) -> dict[str, Any]:
         "expires": answer["expires"],
     }
     endpoint = answer.get("client_endpoint")
-    if isinstance(endpoint, str) and endpoint.startswith(("http://", "https://")):
+    # Only a plain http(s) address is one (a broken one keeps the record's): the refresh token is
+    # spent by now, so nothing the answer holds may raise or be stored as an address.
+    if valid_endpoint(endpoint):
+        assert isinstance(endpoint, str)
         # The refresh answer tracks portal renames (design §10.7, §10.8).
         pair["client_endpoint"] = endpoint
         domain = domain_of(endpoint)

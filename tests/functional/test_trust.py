@@ -312,7 +312,9 @@ def test_a_rotated_pair_is_retried_until_stored_within_the_time_left(box: Sandbo
     faults = AwsFaults().attach(store.client)
     faults.fail_next("ssm.PutParameter", *["throttle"] * 12)  # twelve throttled writes, then SSM takes one
 
-    result = QuickEngine(store, options=FAST).run(sweep(seeded), ends_at=time.monotonic() + 120)
+    result = QuickEngine(store, oauth_url=box.emulator.oauth_url, options=FAST).run(
+        sweep(seeded), ends_at=time.monotonic() + 120
+    )
 
     assert result.outcome is Outcome.CLEAN and result.refreshed == 1
     assert faults.attempts["ssm.PutParameter"] == 13
@@ -345,7 +347,9 @@ def test_pending_pair_never_overwrites_a_newer_installation(box: Sandbox) -> Non
     store = PortalStore(box.prefix, client=boto3.client("ssm", config=NO_RETRIES))
     AwsFaults(1.0, kinds=("5xx",), operations={"ssm.PutParameter"}).attach(store.client)
     with pytest.raises(JobFailedError):
-        QuickEngine(store, options=FAST).run(sweep(seeded), ends_at=time.monotonic() + 120)
+        QuickEngine(store, oauth_url=box.emulator.oauth_url, options=FAST).run(
+            sweep(seeded), ends_at=time.monotonic() + 120
+        )
     assert seeded.member_id in runtime.chains().pending  # the only copy of the rotated pair
 
     box.emulator.uninstall(seeded.portal, box.app)
@@ -374,7 +378,7 @@ def test_refresh_never_reverts_an_update_registered_meanwhile(box: Sandbox) -> N
             updates.append(box.emulator.update(seeded.portal, box.app))
             box.store.put(seeded.member_id, PortalRecord(box.emulator.record_for(updates[0])))
 
-    result = RacingEngine(box.store, update).run(sweep(seeded))
+    result = RacingEngine(box.store, update, oauth_url=box.emulator.oauth_url).run(sweep(seeded))
 
     record = box.record(seeded.member_id)
     assert record.application_token == updates[0].application_token
@@ -389,7 +393,7 @@ def test_refresh_writes_only_the_pairs_own_keys(box: Sandbox) -> None:
     def other_writer() -> None:
         box.store.modify(seeded.member_id, lambda r: r.data.update(note="v2", scope="crm,user") is None)
 
-    result = RacingEngine(box.store, other_writer).run(sweep(seeded))
+    result = RacingEngine(box.store, other_writer, oauth_url=box.emulator.oauth_url).run(sweep(seeded))
 
     record = box.record(seeded.member_id)
     assert result.outcome is Outcome.CLEAN and result.refreshed == 1
