@@ -97,7 +97,9 @@ def test_a_sweep_on_the_ssm_store_fails_the_moved_portal_and_touches_nothing(box
     seeded = box.add_portal("swept.bitrix24.test", handlers=ROWS, expired=True)
     migration(box).run()
     with pytest.raises(JobFailedError) as failed:
-        Engine(PortalStore(box.prefix), orphan_grace_days=0, options=FAST).run(Job(Action.SWEEP, seeded.member_id))
+        Engine(PortalStore(box.prefix), oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=FAST).run(
+            Job(Action.SWEEP, seeded.member_id)
+        )
     assert TABLE in failed.value.result.reason
     assert len(seeded.portal.handlers(box.app)) == 2
     assert not box.emulator.requests_log(kind="oauth")
@@ -143,7 +145,7 @@ def test_a_write_landing_just_before_the_tombstone_is_moved(box: Sandbox, monkey
 
     def tombstone(member_id: str) -> None:
         # The app's backend refreshes on the SSM store between the re-read and the tombstone.
-        TokenAccess(PortalStore(box.prefix), settle_seconds=0.05).get(member_id)
+        TokenAccess(PortalStore(box.prefix), oauth_url=box.emulator.oauth_url, settle_seconds=0.05).get(member_id)
         original(member_id)
 
     monkeypatch.setattr(run, "_write_tombstone", tombstone)
@@ -221,10 +223,18 @@ def test_migrating_while_the_app_backend_and_a_sweep_run_keeps_every_chain(box: 
         while not stop.is_set():
             member_id = rng.choice(ids)
             try:
-                portal = follow(lambda store, m=member_id: TokenAccess(store, settle_seconds=0.3).get(m))
+                portal = follow(
+                    lambda store, m=member_id: TokenAccess(
+                        store, oauth_url=box.emulator.oauth_url, settle_seconds=0.3
+                    ).get(m)
+                )
                 # As if the portal answered expired_token: the app moves the chain on through the record.
                 held = portal.access_token
-                follow(lambda store, m=member_id, t=held: TokenAccess(store, settle_seconds=0.3).after_expired(m, t))
+                follow(
+                    lambda store, m=member_id, t=held: TokenAccess(
+                        store, oauth_url=box.emulator.oauth_url, settle_seconds=0.3
+                    ).after_expired(m, t)
+                )
             except Exception as exc:
                 errors.append(f"backend {type(exc).__name__}: {exc}")
             time.sleep(0.01)
@@ -234,7 +244,9 @@ def test_migrating_while_the_app_backend_and_a_sweep_run_keeps_every_chain(box: 
             for member_id in ids:
                 job = Job(Action.SWEEP, member_id)
                 try:
-                    Engine(PortalStore(box.prefix), orphan_grace_days=0, options=FAST).run(job)
+                    Engine(
+                        PortalStore(box.prefix), oauth_url=box.emulator.oauth_url, orphan_grace_days=0, options=FAST
+                    ).run(job)
                     uses["ssm"] += 1
                 except JobFailedError as failed:
                     if "moved to dynamodb" not in failed.result.reason:
@@ -242,7 +254,12 @@ def test_migrating_while_the_app_backend_and_a_sweep_run_keeps_every_chain(box: 
                         continue
                     uses["table"] += 1
                     try:
-                        Engine(DynamoPortalStore(box.prefix, TABLE), orphan_grace_days=0, options=FAST).run(job)
+                        Engine(
+                            DynamoPortalStore(box.prefix, TABLE),
+                            oauth_url=box.emulator.oauth_url,
+                            orphan_grace_days=0,
+                            options=FAST,
+                        ).run(job)
                     except JobFailedError as again:
                         errors.append(f"sweep on the table: {again.result.reason}")
 
