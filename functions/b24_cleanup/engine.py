@@ -96,11 +96,10 @@ class Engine:
         self._declared: tuple[float, str | None] | None = None
         # Held orphans (design §3): the declared set's history and the orphan ledger, read like the set.
         self.orphan_records = OrphanRecords(lambda: store.client, store.prefix, orphan_grace_days, clock=clock)
-        self.settings: Settings | None = None  # what `from_settings` built it from
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: object) -> Engine:
-        engine = cls(
+        return cls(
             settings.store(),
             oauth_url=settings.oauth_url,
             dry_run=settings.dry_run,
@@ -108,8 +107,6 @@ class Engine:
             orphan_grace_days=settings.orphan_grace_days,
             **kwargs,  # type: ignore[arg-type]
         )
-        engine.settings = settings
-        return engine
 
     # -- collaborators -----------------------------------------------------------------
     def credentials(self) -> AppCredentials:
