@@ -95,7 +95,7 @@ class Engine:
         self._cache_lock = threading.Lock()
         self._declared: tuple[float, str | None] | None = None
         # Held orphans (design §3): the declared set's history and the orphan ledger, read like the set.
-        self.orphan_records = OrphanRecords(lambda: store.client, store.prefix, orphan_grace_days, clock=clock)
+        self.orphan_records = OrphanRecords(store, orphan_grace_days, clock=clock)
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: object) -> Engine:

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .errors import ConfigError, TransientError
 from .held import DeclaredHistory, Evidence, Ledger, Split, Version, split
 from .planner import DeclaredSet, HandlerRow
 
 if TYPE_CHECKING:
-    from mypy_boto3_ssm import SSMClient
+    from .store import PortalStore
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,17 @@ class OrphanRecords:
 
     def __init__(
         self,
-        client: Callable[[], SSMClient],
-        prefix: str,
+        store: PortalStore,
         grace_days: int,
         *,
         clock: Callable[[], float] = time.time,
         ttl: float = EVIDENCE_TTL,
     ) -> None:
-        self._client = client
-        self.handlers_name = f"{prefix}/app/handlers"
-        self.ledger_name = f"{prefix}/app/orphans"
+        # Reads go to the store's read client; the ledger write goes through the store, so that it
+        # is paced and bounded like every other SSM write of the worker (design §5 step 3).
+        self._store = store
+        self.handlers_name = f"{store.prefix}/app/handlers"
+        self.ledger_name = f"{store.prefix}/app/orphans"
         self.grace_days = grace_days
         self.clock = clock
         self.ttl = ttl
@@ -104,7 +106,7 @@ class OrphanRecords:
                 if token:
                     args["NextToken"] = token
                 self.calls["GetParameterHistory"] += 1
-                page = self._client().get_parameter_history(**args)  # type: ignore[arg-type]
+                page = self._store.client.get_parameter_history(**args)  # type: ignore[arg-type]
                 for item in page.get("Parameters", []):
                     modified = item.get("LastModifiedDate")
                     versions.append(
@@ -132,7 +134,7 @@ class OrphanRecords:
     def _read_ledger(self) -> Ledger:
         self.calls["GetParameter"] += 1
         try:
-            answer = self._client().get_parameter(Name=self.ledger_name, WithDecryption=False)
+            answer = self._store.client.get_parameter(Name=self.ledger_name, WithDecryption=False)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
                 return Ledger.parse(None)
@@ -174,17 +176,9 @@ class OrphanRecords:
             self.calls["PutParameter"] += 1
             try:
                 # Intelligent-Tiering: Standard (free) while it fits 4 KB, Advanced up to 8 KB.
-                self._client().put_parameter(
-                    Name=self.ledger_name,
-                    Value=merged.to_text(),
-                    Type="String",
-                    Overwrite=True,
-                    Tier="Intelligent-Tiering",
-                )
-            except (ClientError, BotoCoreError) as exc:
-                log.warning(
-                    "orphan ledger %s not written (%s): the new orphans stay held", self.ledger_name, _code(exc)
-                )
+                self._store.put_text(self.ledger_name, merged.to_text(), tier="Intelligent-Tiering")
+            except (TransientError, ConfigError) as exc:  # the store's SSM failures, code and name in the text
+                log.warning("orphan ledger not written (%s): the new orphans stay held", exc)
                 return 0
             loaded.ledger = merged
             log.info(

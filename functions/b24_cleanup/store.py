@@ -352,3 +352,11 @@ class PortalStore:
     def declared_set_text(self) -> str | None:
         """The raw declared handler set, or None when the parameter is missing."""
         return self._get(f"{self.prefix}/app/handlers", decrypt=False)
+
+    def put_text(self, name: str, value: str, *, tier: str = "Standard") -> None:
+        """Overwrite (or create) the plain String parameter `name`: paced, on the write client.
+
+        For the app's own bookkeeping that holds no secret (the orphan ledger): its type and tier
+        are the caller's, never read back first, and no KMS key applies to a String.
+        """
+        self._put(name, value, _ParamMeta("String", None, tier))  # _put takes the write slot (_pace)

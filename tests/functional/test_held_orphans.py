@@ -263,7 +263,7 @@ def test_worker_reports_held_rows_and_reads_history_and_ledger_once_per_invocati
     typo = [{"event": "ONCRMLEADADD", "handler": APP + "/"}, {"event": "ONAPPUNINSTALL", "handler": UNINSTALL}]
     box.put_declared(typo)
     portals = [box.add_portal(f"p{i}.bitrix24.test", handlers=LIVE) for i in range(10)]
-    api_calls.watch(runtime.engine().store.client)  # the worker's own SSM client
+    api_calls.watch(*runtime.engine().store.clients())  # the worker's own SSM clients, reads and writes
 
     answer = worker.process(sqs_records([p.member_id for p in portals]), lambda_context)
 

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 
 import boto3
 import pytest
 from botocore.config import Config
 from conftest import DECLARED_SET, PREFIX, REGION, ApiCalls, AwsAccount
+from fixtures.aws import ROOT
 
+from b24_cleanup.dynamostore import DynamoPortalStore
 from b24_cleanup.held import DAY, HoldReason, Ledger, decide, ledger_key
 from b24_cleanup.orphans import OrphanRecords
 from b24_cleanup.planner import DeclaredSet, HandlerRow
+from b24_cleanup.store import PortalStore
+
+if str(ROOT) not in sys.path:  # bench/ lives beside functions/, not inside the package
+    sys.path.insert(0, str(ROOT))
+
+from bench.campaign import AwsFaults
 
 OLD = "https://old.example.com/b24/events"
 KEY = ledger_key("ONCRMLEADADD", OLD)
@@ -20,7 +30,7 @@ LEDGER = f"{PREFIX}/app/orphans"
 
 
 def records(account: AwsAccount, grace: int = 2, **kwargs: object) -> OrphanRecords:
-    return OrphanRecords(lambda: account.ssm, PREFIX, grace, **kwargs)  # type: ignore[arg-type]
+    return OrphanRecords(PortalStore(PREFIX, account.ssm), grace, **kwargs)  # type: ignore[arg-type]
 
 
 def stored_ledger(account: AwsAccount) -> dict[str, int]:
@@ -134,7 +144,7 @@ def test_an_unreachable_ssm_holds_everything_and_writes_nothing(mock_aws: AwsAcc
         endpoint_url="http://127.0.0.1:9",  # discard port: nothing listens
         config=Config(retries={"max_attempts": 1}, connect_timeout=0.5),
     )
-    guard = OrphanRecords(lambda: dead, PREFIX, 2)
+    guard = OrphanRecords(PortalStore(PREFIX, dead), 2)
     evidence = guard.evidence()
     assert evidence.history is None and evidence.ledger.broken and evidence.ledger.unknown
     row = HandlerRow.from_api({"event": "ONCRMLEADADD", "handler": OLD, "auth_type": "0"})
@@ -149,3 +159,50 @@ def test_evidence_carries_the_grace_and_time(mock_aws: AwsAccount, grace: int) -
     evidence = records(mock_aws, grace=grace, clock=lambda: 2_000_000_000.0).evidence()
     assert evidence.grace_days == grace and evidence.now == 2_000_000_000.0
     assert isinstance(evidence.ledger, Ledger)
+
+
+# ------------------------------------------------------------------ the ledger write goes through the store
+
+
+def test_the_ledger_write_uses_the_stores_write_client_not_its_read_client(mock_aws: AwsAccount) -> None:
+    store = PortalStore(PREFIX)  # clients of its own: the read client and the write client differ
+    reads, writes = ApiCalls().watch(store.client), ApiCalls().watch(store.writer)
+    assert OrphanRecords(store, 2).record({KEY}) == 1
+    assert writes == ["ssm.PutParameter"]
+    assert "ssm.PutParameter" not in reads
+    assert list(stored_ledger(mock_aws)) == [KEY]
+    meta = mock_aws.ssm.describe_parameters(ParameterFilters=[{"Key": "Name", "Values": [LEDGER]}])["Parameters"][0]
+    assert meta["Type"] == "String" and "KeyId" not in meta  # no KMS key on a String
+
+
+def test_the_ledger_write_waits_for_a_write_slot(mock_aws: AwsAccount) -> None:
+    store = PortalStore(PREFIX, mock_aws.ssm, write_rate=0.9)  # one write slot every ~1.1 s
+    store.put_text(f"{PREFIX}/app/other", "x")  # takes the slot there is
+    started = time.monotonic()
+    assert OrphanRecords(store, 2).record({KEY}) == 1
+    assert time.monotonic() - started >= 0.9  # the ledger write waited for the next slot
+    assert list(stored_ledger(mock_aws)) == [KEY]
+
+
+def test_a_throttled_ledger_write_gets_the_writers_bounded_retries_and_holds(
+    mock_aws: AwsAccount, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The write client tries twice (WRITE_BOTO_CONFIG), not the read client's ten adaptive attempts:
+    a throttled night leaves the keys unrecorded (first seen again next time), never a stuck worker."""
+    store = PortalStore(PREFIX)
+    faults = AwsFaults().attach(store.client, store.writer)
+    faults.fail_next("ssm.PutParameter", "throttle", "throttle")
+    guard = OrphanRecords(store, 2)
+    with caplog.at_level(logging.WARNING, logger="b24_cleanup.orphans"):
+        assert guard.record({KEY}) == 0
+    assert faults.attempts["ssm.PutParameter"] == 2
+    assert "SSM_ThrottlingException" in caplog.text and "the new orphans stay held" in caplog.text
+    with pytest.raises(mock_aws.ssm.exceptions.ParameterNotFound):
+        mock_aws.ssm.get_parameter(Name=LEDGER)
+    assert guard.record({KEY}) == 1  # the next sighting records it
+
+
+def test_the_dynamodb_store_keeps_the_ledger_in_ssm(mock_aws: AwsAccount) -> None:
+    store = DynamoPortalStore(PREFIX, "b24-portals", ssm=mock_aws.ssm)  # no table: the ledger never touches it
+    assert OrphanRecords(store, 2).record({KEY}) == 1
+    assert list(stored_ledger(mock_aws)) == [KEY]
