@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -57,6 +57,8 @@ def stop_at(client: Any, deadline: Callable[[], float | None]) -> Any:
 # it has, so botocore gets few attempts and no client-side limiter (the WritePacer paces instead; an
 # adaptive limiter slowed by write throttling would also slow every read of a shared client).
 WRITE_BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 2}, connect_timeout=3, read_timeout=5)
+
+_T = TypeVar("_T")
 
 _THROTTLE_CODES = {"ThrottlingException", "TooManyUpdates", "InternalServerError", "ServiceUnavailable"}
 
@@ -152,6 +154,18 @@ def _aws_error(exc: Exception, what: str) -> Exception:
     return TransientError("SSM_UNREACHABLE", f"{what}: {type(exc).__name__}")
 
 
+def _unless_missing(call: Callable[[], _T], what: str) -> _T | None:
+    """`call()`, or None when SSM answers ParameterNotFound; any other failure as :func:`_aws_error`."""
+    try:
+        return call()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
+            return None
+        raise _aws_error(exc, what) from None
+    except BotoCoreError as exc:
+        raise _aws_error(exc, what) from None
+
+
 class PortalStore:
     """Records under `{prefix}/portals/{member_id}` and the app's parameters under `{prefix}/app/`."""
 
@@ -210,15 +224,10 @@ class PortalStore:
 
     # -- raw access ----------------------------------------------------------------------
     def _get(self, name: str, *, decrypt: bool) -> str | None:
-        try:
-            answer = self.client.get_parameter(Name=name, WithDecryption=decrypt)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
-                return None
-            raise _aws_error(exc, f"reading {name}") from None
-        except BotoCoreError as exc:
-            raise _aws_error(exc, f"reading {name}") from None
-        return answer["Parameter"]["Value"]
+        answer = _unless_missing(
+            lambda: self.client.get_parameter(Name=name, WithDecryption=decrypt), f"reading {name}"
+        )
+        return None if answer is None else answer["Parameter"]["Value"]
 
     def _meta(self, name: str) -> _ParamMeta | None:
         try:
@@ -308,15 +317,9 @@ class PortalStore:
 
     def delete(self, member_id: str) -> bool:
         self._pace()
-        try:
-            self.writer.delete_parameter(Name=self.portal_name(member_id))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
-                return False
-            raise _aws_error(exc, f"deleting the record of {member_id}") from None
-        except BotoCoreError as exc:
-            raise _aws_error(exc, f"deleting the record of {member_id}") from None
-        return True
+        name = self.portal_name(member_id)
+        gone = _unless_missing(lambda: self.writer.delete_parameter(Name=name), f"deleting the record of {member_id}")
+        return gone is not None  # None: there was no record to delete
 
     def iter_member_ids(self) -> Iterator[str]:
         """Every stored portal's member id, page by page, without decrypting anything."""

@@ -125,6 +125,58 @@ def test_throttling_is_transient(store: PortalStore, ssm) -> None:
         store.get("m1")
 
 
+def test_a_missing_parameter_is_none_for_reads_and_false_for_deletes(store: PortalStore) -> None:
+    assert store.get("m1") is None and store.declared_set_text() is None
+    assert store.delete("m1") is False
+    store.put("m1", record())
+    assert store.delete("m1") is True
+    assert store.get("m1") is None
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "raised"),
+    [
+        ("AccessDeniedException", 400, ConfigError),
+        ("ThrottlingException", 400, TransientError),
+        ("InternalServerError", 500, TransientError),
+    ],
+)
+@pytest.mark.parametrize("operation", ["GetParameter", "DeleteParameter"])
+def test_reads_and_deletes_classify_ssm_refusals_alike(
+    store: PortalStore, ssm, operation: str, code: str, status: int, raised: type[Exception]
+) -> None:
+    from botocore.exceptions import ClientError
+
+    def refuse(**kwargs: object) -> None:
+        raise ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
+
+    store.put("m1", record())
+    ssm.meta.events.register(f"before-call.ssm.{operation}", refuse)
+    act, what = (
+        (store.get, f"reading {PREFIX}/portals/m1")
+        if operation == "GetParameter"
+        else (store.delete, "deleting the record of m1")
+    )
+    with pytest.raises(raised, match=what) as caught:
+        act("m1")
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # raised `from None`
+
+
+@pytest.mark.parametrize("operation", ["get", "delete"])
+def test_an_unreachable_ssm_is_transient_for_reads_and_deletes(operation: str) -> None:
+    from botocore.config import Config
+
+    dead = boto3.client(
+        "ssm",
+        region_name="us-east-1",
+        endpoint_url="http://127.0.0.1:9",  # discard port: nothing listens
+        config=Config(retries={"total_max_attempts": 1}, connect_timeout=0.5),
+    )
+    store = PortalStore(PREFIX, client=dead)
+    with pytest.raises(TransientError, match="SSM_UNREACHABLE"):
+        getattr(store, operation)("m1")
+
+
 def test_malformed_member_id_never_reaches_ssm(store: PortalStore) -> None:
     with pytest.raises(ValueError, match="member_id"):
         store.get("../app/credentials")
