@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 
 from . import logsafety  # noqa: F401 - imported for its effect: no secrets in DEBUG logs
 from .errors import ConfigError, MovedRecordError, TransientError, UnreadableRecordError
+from .pacing import LeakyBucket
 from .record import PortalRecord, valid_member_id
 
 if TYPE_CHECKING:
@@ -102,37 +102,20 @@ class AppCredentials:
         return f"AppCredentials(client_id={self.client_id!r})"
 
 
-class WritePacer:
-    """Spaces SSM writes `1 / rate` seconds apart across the threads of a process (design §5 step 3).
+def write_pacer(rate: float) -> LeakyBucket:
+    """The bucket SSM writes of one process wait on (design §5 step 3): `rate` a second, one second banked.
 
     SSM takes a few PutParameter a second per account; the workers share `B24_SSM_WRITE_RATE` and
     each container takes `rate ÷ B24_WORKER_CONCURRENCY`. Paced, the nightly refreshes do not
-    throttle themselves into losing rotated pairs.
+    throttle themselves into losing rotated pairs. A container writes in bursts (a batch's
+    refreshes land together, then its REST calls leave the writes idle for a second or more), so
+    strict spacing would leave part of its share unspent every batch; banking one second of it
+    recovers that, and the containers' banks add up to one second of the whole rate, the burst
+    SSM's own bucket is modelled with (ops/quota.py): the fleet stays within what SSM admits.
     """
-
-    def __init__(
-        self,
-        rate: float,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if not rate > 0:
-            raise ValueError("a write pacer needs a positive rate")
-        self.interval = 1.0 / rate
-        self._clock = clock
-        self._sleep = sleep
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        """Take the next write slot, sleeping until it comes."""
-        with self._lock:
-            now = self._clock()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        if slot > now:
-            self._sleep(slot - now)
+    if not rate > 0:
+        raise ValueError("a write pacer needs a positive rate")
+    return LeakyBucket(rate, max(1, int(rate)))
 
 
 @dataclass(frozen=True)
@@ -186,7 +169,7 @@ class PortalStore:
         # An injected client serves the writes too (tests watch or fault one client).
         self._writer: SSMClient | None = client
         self.kms_key_id = kms_key_id  # for new parameters only: an overwrite keeps the key it finds
-        self.pacer = WritePacer(write_rate) if write_rate else None  # SSM writes/s of this process
+        self.pacer = write_pacer(write_rate) if write_rate else None  # SSM writes/s of this process
         # For the clients made on first use; a caller's own config (the endpoint's) serves the writes too.
         self._config = config or BOTO_CONFIG
         self._write_config = config or WRITE_BOTO_CONFIG
@@ -209,8 +192,10 @@ class PortalStore:
         return (self.client,) if self.writer is self.client else (self.client, self.writer)
 
     def _pace(self) -> None:
+        """Take a write slot. Before the fresh read a write depends on, so that the read is as
+        fresh as it can be when the write goes out (the wait can be seconds at the quota)."""
         if self.pacer is not None:
-            self.pacer.wait()
+            self.pacer.acquire()
 
     # -- names ---------------------------------------------------------------------------
     @property
@@ -254,7 +239,6 @@ class PortalStore:
             args["Tier"] = meta.tier
             if args["Type"] == "SecureString" and meta.key_id:
                 args["KeyId"] = meta.key_id
-        self._pace()
         try:
             self.writer.put_parameter(**args)
         except (ClientError, BotoCoreError) as exc:
@@ -278,6 +262,11 @@ class PortalStore:
 
         `secure` forces SecureString (registration stores tokens only encrypted, design §9).
         """
+        self._pace()
+        self._write(member_id, record, secure=secure)
+
+    def _write(self, member_id: str, record: PortalRecord, *, secure: bool = False) -> None:
+        """Write the record (a write slot already taken)."""
         name = self.portal_name(member_id)
         self._put(name, record.to_json(), self._meta(name), secure=secure)
 
@@ -288,10 +277,11 @@ class PortalStore:
         refreshed pair, a reinstall) is kept. SSM has no conditional write, so this narrows the
         window to one read-write round trip rather than closing it.
         """
+        self._pace()
         current = self.get(member_id)
         if current is None or not change(current):
             return current
-        self.put(member_id, current)
+        self._write(member_id, current)
         return current
 
     def delete_if_token(self, member_id: str, application_token: str) -> bool:
@@ -310,13 +300,17 @@ class PortalStore:
         False (nothing deleted) when the record is gone or `condition` declines. SSM has no
         conditional delete: the window is one read-delete round trip (the DynamoDB store closes it).
         """
+        self._pace()
         current = self.get(member_id)
         if current is None or not condition(current):
             return False
-        return self.delete(member_id)
+        return self._delete(member_id)
 
     def delete(self, member_id: str) -> bool:
         self._pace()
+        return self._delete(member_id)
+
+    def _delete(self, member_id: str) -> bool:
         name = self.portal_name(member_id)
         gone = _unless_missing(lambda: self.writer.delete_parameter(Name=name), f"deleting the record of {member_id}")
         return gone is not None  # None: there was no record to delete
@@ -362,4 +356,5 @@ class PortalStore:
         For the app's own bookkeeping that holds no secret (the orphan ledger): its type and tier
         are the caller's, never read back first, and no KMS key applies to a String.
         """
-        self._put(name, value, _ParamMeta("String", None, tier))  # _put takes the write slot (_pace)
+        self._pace()
+        self._put(name, value, _ParamMeta("String", None, tier))

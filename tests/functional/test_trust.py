@@ -27,10 +27,10 @@ from b24_cleanup.errors import JobFailedError
 from b24_cleanup.handlers import worker
 from b24_cleanup.jobs import Action, Job, Outcome
 from b24_cleanup.oauth import OAuthClient
-from b24_cleanup.ops.sandbox import Sandbox, SeededPortal, sandbox, sqs_event
-from b24_cleanup.pacing import Backoff
+from b24_cleanup.ops.sandbox import REGION, Sandbox, SeededPortal, sandbox, sqs_event
+from b24_cleanup.pacing import Backoff, LeakyBucket
 from b24_cleanup.record import PortalRecord
-from b24_cleanup.store import PortalStore, WritePacer
+from b24_cleanup.store import PortalStore, write_pacer
 from b24_cleanup.tokens import PERSIST_BUDGET_SECONDS, TokenKeeper
 
 if str(ROOT) not in sys.path:  # bench/ lives beside functions/, not inside the package
@@ -324,17 +324,69 @@ def test_a_rotated_pair_is_retried_until_stored_within_the_time_left(box: Sandbo
 def test_ssm_writes_are_paced_to_the_containers_share() -> None:
     settings = Settings.from_env({"B24_SSM_PREFIX": "/p", "B24_SSM_WRITE_RATE": "3", "B24_WORKER_CONCURRENCY": "5"})
     store = settings.store()
-    assert store.pacer is not None and store.pacer.interval == pytest.approx(5 / 3)  # 3 ÷ 5 writes/s
+    assert store.pacer is not None and store.pacer.rate == pytest.approx(3 / 5) and store.pacer.burst == 1
     now, slept = [0.0], []
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
         now[0] += seconds
 
-    pacer = WritePacer(0.6, clock=lambda: now[0], sleep=sleep)
+    pacer = LeakyBucket(0.6, 1, clock=lambda: now[0], sleep=sleep)
     for _ in range(4):
-        pacer.wait()
-    assert slept == pytest.approx([5 / 3] * 3)  # the first write at once, then one every 1/0.6 s
+        pacer.acquire()
+    assert slept == pytest.approx([5 / 3] * 3)  # a share under 1/s: the first write at once, then one every 1/0.6 s
+
+
+def test_a_containers_pacer_banks_one_second_of_its_share_and_no_more() -> None:
+    """A batch's writes come together after seconds of REST calls: one second of the share is
+    kept for them (the containers' banks add up to SSM's one-second burst), not the whole idle time."""
+    pacer = write_pacer(2.0)  # 10 writes/s shared by 5 containers
+    assert (pacer.rate, pacer.burst) == (2.0, 2)
+    now, slept = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = LeakyBucket(pacer.rate, pacer.burst, clock=lambda: now[0], sleep=sleep)
+    for _ in range(4):
+        pacer.acquire()
+    assert slept == pytest.approx([0.5, 0.5])  # two at once, then 2/s
+    now[0] += 30.0  # a long idle stretch banks one second's worth, never thirty
+    for _ in range(4):
+        pacer.acquire()
+    assert slept == pytest.approx([0.5, 0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="positive rate"):
+        write_pacer(0)
+
+
+def test_the_fresh_read_of_a_paced_write_comes_after_the_wait(box: Sandbox) -> None:
+    """At the quota a write slot can be seconds away: the read the write depends on is taken after
+    the wait, so a pair another writer stored meanwhile is what the change sees (and keeps)."""
+    seeded = box.add_portal("wait.bitrix24.test", expired=True)
+    member_id = seeded.member_id
+    before = box.record(member_id)
+    assert before is not None
+    other = PortalStore(box.prefix, client=boto3.client("ssm", region_name=REGION))
+
+    def another_writer_during_the_wait(seconds: float) -> None:
+        other.modify(member_id, lambda r: r.data.update(refresh_token="stored-meanwhile") is None)
+
+    store = PortalStore(box.prefix, client=boto3.client("ssm", region_name=REGION))
+    store.pacer = LeakyBucket(1.0, 1, sleep=another_writer_during_the_wait)
+    store.pacer.acquire()  # the slot is taken: the next write waits
+    seen: list[str] = []
+
+    def change(current: PortalRecord) -> bool:
+        seen.append(current.refresh_token)
+        current.data["mark"] = "x"
+        return True
+
+    store.modify(member_id, change)
+
+    assert seen == ["stored-meanwhile"]
+    after = box.record(member_id)
+    assert after is not None and after.refresh_token == "stored-meanwhile" and after.data["mark"] == "x"
 
 
 # ------------------------------------------------------------------- item 4: a pair that failed to store
