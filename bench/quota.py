@@ -4,8 +4,11 @@ Every other table runs on moto, which has no quotas. Here SSM answers as real SS
 `write_rate` writes/s and 40 reads/s (ops/quota.py: ThrottlingException "Rate exceeded" on the
 real wire, so botocore's adaptive retries and the workers' write pacing meet what production
 meets). N portals with expired access tokens (each must refresh: one OAuth call and one record
-write) and one orphan each go scheduler → SQS FIFO → worker, the worker fed by `containers`
-pollers of 10 messages like the event source's MaximumConcurrency. Then, per store:
+write) and one orphan each go scheduler → SQS FIFO → worker. The worker runs as production runs
+it: `containers` processes (the event source's MaximumConcurrency, B24_WORKER_CONCURRENCY), each a
+container of its own with its own runtime and write pacer at its share of the rate, each polling
+10 messages at a time; AWS is one moto on loopback that every process reaches over HTTP. Then,
+per store:
 
     quota: store=ssm portals=N write_rate=Q/s achieved=W/s ratio=W/Q lost=L failed=F dlq=D wall=Ts bound=Bs
 
@@ -28,6 +31,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import queue
 import sys
 import threading
 import time
@@ -80,7 +84,13 @@ class QuotaRun:
     bound: float
     refreshed: int
     calls: Counter[str]
-    throttled: int = 0  # SSM calls the quota answered ThrottlingException (botocore retried them)
+    # SSM calls the quota answered ThrottlingException (botocore retried them), per class
+    throttled: dict[str, int] = dataclasses.field(default_factory=dict)
+    # CPU seconds during the sweep: the process serving moto and the emulator, and all containers
+    cpu: dict[str, float] = dataclasses.field(default_factory=dict)
+    # the containers' wall seconds: invocations, in the handler, waiting for a batch
+    spent: dict[str, float] = dataclasses.field(default_factory=dict)
+    fan_out: float = 0.0  # the scheduler's queueing of the night, before the clock starts
 
     @property
     def ratio(self) -> float:
@@ -96,7 +106,17 @@ class QuotaRun:
     def cost_line(self) -> str:
         per = {op: n / self.portals for op, n in sorted(self.calls.items())}
         text = " ".join(f"{op}={n:.2f}" for op, n in per.items())
-        return f"quota-cost: store={self.store} per-portal {text} ssm-throttled={self.throttled}"
+        throttled = " ".join(f"{kind}={n}" for kind, n in self.throttled.items())
+        return f"quota-cost: store={self.store} per-portal {text} ssm-throttled: {throttled}"
+
+    def time_line(self) -> str:
+        invocations = self.spent.get("invocations", 0) or 1
+        per = " ".join(f"{part}={self.spent.get(part, 0.0) / invocations:.2f}s" for part in ("handler", "waiting"))
+        cpu = " ".join(f"{part}={seconds:.1f}s" for part, seconds in self.cpu.items())
+        return (
+            f"quota-time: store={self.store} fan-out={self.fan_out:.1f}s invocations={int(invocations)} "
+            f"per invocation {per} cpu {cpu}"
+        )
 
 
 class _AwsCalls:
@@ -136,35 +156,96 @@ def _quiet() -> Iterator[None]:
         sink.close()
 
 
-def _pump(sqs: Any, queue_url: str, arn: str, handler: Any, context: Any, stop: threading.Event) -> None:
-    """One event-source poller: receive up to 10, invoke the worker, delete what succeeded."""
+class _EventSource:
+    """One container's event source, as Lambda's pollers are: apart from the function.
+
+    A receiver keeps the next batch ready while the function runs the current one, and a settler
+    deletes what succeeded (or makes the rest visible again) after it returns, so the function
+    waits on neither. SQS answers in milliseconds; moto on loopback scans every queued message per
+    call, a cost that would otherwise sit between every two invocations.
+    """
+
+    def __init__(self, sqs: Any, queue_url: str, stop: Any, on_done: Any) -> None:
+        self.sqs, self.queue_url, self.stop, self.on_done = sqs, queue_url, stop, on_done
+        self._ready: queue.Queue[list[dict[str, Any]]] = queue.Queue(maxsize=1)
+        self._settle: queue.Queue[tuple[list[dict[str, Any]], set[str]]] = queue.Queue()
+        self._wanted = threading.Event()
+        self._wanted.set()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._receive, self._settler)]
+        for thread in self._threads:
+            thread.start()
+
+    def _receive(self) -> None:
+        while not self.stop.is_set():
+            if not self._wanted.wait(0.1):
+                continue
+            got = self.sqs.receive_message(
+                QueueUrl=self.queue_url, MaxNumberOfMessages=SQS_BATCH, AttributeNames=["All"], VisibilityTimeout=300
+            )
+            messages = got.get("Messages", [])
+            if not messages:
+                time.sleep(0.1)
+                continue
+            self._wanted.clear()
+            self._ready.put(messages)
+
+    def next_batch(self) -> list[dict[str, Any]] | None:
+        """The next batch (and the receiving of the one after starts), or None after 0.2 s without one."""
+        try:
+            messages = self._ready.get(timeout=0.2)
+        except queue.Empty:
+            return None
+        self._wanted.set()
+        return messages
+
+    def settle(self, messages: list[dict[str, Any]], failed: set[str]) -> None:
+        self._settle.put((messages, failed))
+
+    def _settler(self) -> None:
+        while not (self.stop.is_set() and self._settle.empty()):
+            try:
+                messages, failed = self._settle.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            done = [m for m in messages if m["MessageId"] not in failed]
+            if done:
+                self.sqs.delete_message_batch(
+                    QueueUrl=self.queue_url,
+                    Entries=[{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done)],
+                )
+                self.on_done(len(done))
+            back = [m for m in messages if m["MessageId"] in failed]
+            if back:  # the event source makes them visible again after the visibility timeout
+                self.sqs.change_message_visibility_batch(
+                    QueueUrl=self.queue_url,
+                    Entries=[
+                        {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+                        for n, m in enumerate(back)
+                    ],
+                )
+
+    def close(self) -> None:
+        for thread in self._threads:
+            thread.join(30)
+
+
+def _pump(source: _EventSource, arn: str, handler: Any, context: Any, stop: Any, spent: Counter[str]) -> None:
+    """Invoke the worker with each batch the event source has ready, one at a time (one container).
+
+    `spent` adds up the invocations, the seconds in the handler and the seconds waited for a batch."""
     from b24_cleanup.ops.sandbox import sqs_event
 
     while not stop.is_set():
-        got = sqs.receive_message(
-            QueueUrl=queue_url, MaxNumberOfMessages=SQS_BATCH, AttributeNames=["All"], VisibilityTimeout=300
-        )
-        messages = got.get("Messages", [])
-        if not messages:
-            time.sleep(0.05)
+        began = time.monotonic()
+        messages = source.next_batch()
+        if messages is None:
             continue
+        invoked = time.monotonic()
         answer = handler(sqs_event(messages, arn), context)
-        failed = {item["itemIdentifier"] for item in answer.get("batchItemFailures", [])}
-        done = [m for m in messages if m["MessageId"] not in failed]
-        if done:
-            sqs.delete_message_batch(
-                QueueUrl=queue_url,
-                Entries=[{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done)],
-            )
-        back = [m for m in messages if m["MessageId"] in failed]
-        if back:  # the event source makes them visible again after the visibility timeout
-            sqs.change_message_visibility_batch(
-                QueueUrl=queue_url,
-                Entries=[
-                    {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
-                    for n, m in enumerate(back)
-                ],
-            )
+        spent["invocations"] += 1
+        spent["handler"] += time.monotonic() - invoked
+        spent["waiting"] += invoked - began
+        source.settle(messages, {item["itemIdentifier"] for item in answer.get("batchItemFailures", [])})
 
 
 def _depth(sqs: Any, queue_url: str) -> int:
@@ -174,14 +255,99 @@ def _depth(sqs: Any, queue_url: str) -> int:
     return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What the container processes and the bench share: start and stop, and the deletes so far."""
+
+    ready: Any  # a Semaphore each container releases once it is warm
+    go: Any
+    stop: Any
+    deleted: Any  # Value("i"): messages deleted (jobs done)
+    last_done: Any  # Value("d"): time.monotonic() of the latest delete (system-wide on Linux)
+    out: Any  # Queue: each container's job outcomes and AWS calls
+
+
+def _container(env: dict[str, str], queue_url: str, arn: str, shared: _Shared) -> None:
+    """One worker container (a spawned process): its own runtime, pacer and clients, as in Lambda."""
+    os.environ.update(env)
+    import boto3
+
+    from b24_cleanup.handlers import worker
+    from b24_cleanup.ops.functionurl import FakeContext
+    from b24_cleanup.ops.sandbox import collect_results
+
+    sqs = boto3.client("sqs")  # the event source's own client: made before the counter, not counted
+    context = FakeContext("b24-cleanup-worker")
+
+    def on_done(count: int) -> None:
+        with shared.deleted.get_lock():
+            shared.deleted.value += count
+            shared.last_done.value = time.monotonic()
+
+    spent: Counter[str] = Counter()
+    with _quiet(), collect_results() as results:
+        counter = _AwsCalls()
+        shared.ready.release()
+        shared.go.wait()
+        cpu_at_go = time.process_time()
+        source = _EventSource(sqs, queue_url, shared.stop, on_done)
+        try:
+            _pump(source, arn, worker.lambda_handler, context, shared.stop, spent)
+        finally:
+            source.close()
+            counter.close()
+            shared.out.put(
+                {
+                    "outcomes": Counter(str(job.get("outcome")) for job in results.jobs),
+                    "calls": counter.calls,
+                    "cpu": time.process_time() - cpu_at_go,
+                    "spent": spent,
+                }
+            )
+
+
+@contextlib.contextmanager
+def _containers(count: int, env: dict[str, str], queue_url: str, arn: str) -> Iterator[_Shared]:
+    """Start `count` warm container processes; yield once all are ready; stop and join them after."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # the bench process runs threads: no fork
+    shared = _Shared(
+        ready=ctx.Semaphore(0),
+        go=ctx.Event(),
+        stop=ctx.Event(),
+        deleted=ctx.Value("i", 0),
+        last_done=ctx.Value("d", 0.0),
+        out=ctx.Queue(),
+    )
+    processes = [
+        ctx.Process(target=_container, args=(env, queue_url, arn, shared), daemon=True, name=f"container-{n}")
+        for n in range(count)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for _ in processes:
+            if not shared.ready.acquire(timeout=120):
+                raise RuntimeError("a container process did not start")
+        yield shared
+    finally:
+        shared.stop.set()
+        shared.go.set()
+        for process in processes:
+            process.join(60)
+            if process.is_alive():
+                process.terminate()
+
+
 def run_once(store: str, sizes: Sizes) -> QuotaRun:
     import boto3
 
-    from b24_cleanup.handlers import scheduler, worker
+    from b24_cleanup.handlers import scheduler
     from b24_cleanup.oauth import OAuthClient
     from b24_cleanup.ops.functionurl import FakeContext
     from b24_cleanup.ops.quota import SsmQuotas
-    from b24_cleanup.ops.sandbox import REGION, collect_results, patched_environ, sandbox
+    from b24_cleanup.ops.sandbox import FAKE_AWS_ENV, REGION, patched_environ, sandbox
 
     quotas = SsmQuotas(read=sizes.read_rate, write=sizes.write_rate)
     with sandbox(declared=DECLARED, store=store, ssm_quotas=quotas, latency=sizes.latency) as box:
@@ -189,38 +355,51 @@ def run_once(store: str, sizes: Sizes) -> QuotaRun:
         seeded = [box.add_portal(f"p{i:05d}.bitrix24.test", handlers=ROWS, expired=True) for i in range(sizes.portals)]
         seeded_tokens = {s.member_id: box.record(s.member_id).refresh_token for s in seeded}  # type: ignore[union-attr]
         box.emulator.latency = sizes.latency
+        assert box.quota is not None
         env = box.env(
             B24_SSM_WRITE_RATE=f"{sizes.write_rate:g}",
-            # One process drives every poller, so it is one container holding the whole budget.
-            B24_WORKER_CONCURRENCY="1",
+            B24_WORKER_CONCURRENCY=str(sizes.containers),  # one share of the rate per container
         )
+        # Every process reaches the one moto over loopback: SSM through the quota, the rest beside it.
+        aws = {
+            **FAKE_AWS_ENV,
+            "AWS_ENDPOINT_URL": box.quota.endpoint_url,
+            "AWS_ENDPOINT_URL_SSM": box.quota.endpoint_url,
+        }
         sqs = boto3.client("sqs", region_name=REGION)
         arn = sqs.get_queue_attributes(QueueUrl=box.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        context = FakeContext("b24-cleanup-worker")
-        assert box.quota is not None
-        box.quota.reset_stats()
-        counter = _AwsCalls()
-        stop = threading.Event()
-        try:
-            with patched_environ({**HANDLER_ENV, **env}), _quiet(), collect_results() as results:
-                started = time.perf_counter()
-                scheduler.lambda_handler({"scheduled_time": SCHEDULED}, context)
-                pollers = [
-                    threading.Thread(
-                        target=_pump, args=(sqs, box.queue_url, arn, worker.lambda_handler, context, stop), daemon=True
-                    )
-                    for _ in range(sizes.containers)
-                ]
-                for poller in pollers:
-                    poller.start()
-                while _depth(sqs, box.queue_url) > 0:
-                    time.sleep(0.2)
-                wall = time.perf_counter() - started
-                stop.set()
-                for poller in pollers:
-                    poller.join(60)
-        finally:
-            counter.close()
+        context = FakeContext("b24-cleanup-scheduler")
+        outcomes: Counter[str] = Counter()
+        calls: Counter[str] = Counter()
+        spent: Counter[str] = Counter()  # the containers' seconds: in the handler, waiting for a batch
+        cpu: Counter[str] = Counter()  # CPU seconds of the sweep: the harness process and the containers
+        with _containers(sizes.containers, {**HANDLER_ENV, **env, **aws}, box.queue_url, arn) as shared:
+            box.quota.reset_stats()
+            counter = _AwsCalls()
+            try:
+                with patched_environ({**HANDLER_ENV, **env}), _quiet():
+                    # The clock starts once the night is queued: moto's FIFO checks each message's
+                    # dedup id against every queued one (quadratic in N), which is not SQS's cost;
+                    # the scheduler table measures the fan-out.
+                    fan_out = time.monotonic()
+                    scheduler.lambda_handler({"scheduled_time": SCHEDULED}, context)
+                    started, cpu_at_start = time.monotonic(), time.process_time()
+                    fanned = started - fan_out
+                    shared.go.set()
+                    while shared.deleted.value + _depth(sqs, box.dlq_url) < sizes.portals:
+                        time.sleep(0.5)  # moto's SQS scans every message per call: not too often
+                    wall = shared.last_done.value - started
+                    cpu["aws+emulator"] = time.process_time() - cpu_at_start
+            finally:
+                counter.close()
+            calls.update(counter.calls)
+            shared.stop.set()
+            for _ in range(sizes.containers):
+                report = shared.out.get(timeout=60)
+                outcomes.update(report["outcomes"])
+                calls.update(report["calls"])
+                cpu["containers"] += report["cpu"]
+                spent.update(report["spent"])
 
         box.emulator.latency = 0.0
         records = {s.member_id: box.record(s.member_id) for s in seeded}
@@ -239,13 +418,8 @@ def run_once(store: str, sizes: Sizes) -> QuotaRun:
 
         with ThreadPoolExecutor(8) as pool:
             lost = sum(1 for ok in pool.map(alive, list(records)) if not ok)
-        dlq = int(
-            sqs.get_queue_attributes(QueueUrl=box.dlq_url, AttributeNames=["ApproximateNumberOfMessages"])[
-                "Attributes"
-            ]["ApproximateNumberOfMessages"]
-        )
-        failed = sum(1 for job in results.jobs if job.get("outcome") == "failed")
-        throttled = sum(box.quota.throttled(kind) for kind in ("read", "write", "describe"))
+        dlq = _depth(sqs, box.dlq_url)
+        throttled = {kind: box.quota.throttled(kind) for kind in ("read", "write", "describe")}
 
     if store == "ssm":
         rate = sizes.write_rate
@@ -258,13 +432,16 @@ def run_once(store: str, sizes: Sizes) -> QuotaRun:
         write_rate=rate,
         achieved=refreshed / wall,
         lost=lost,
-        failed=failed,
+        failed=outcomes["failed"],
         dlq=dlq,
         wall=wall,
         bound=sizes.portals / rate,
         refreshed=refreshed,
-        calls=counter.calls,
+        calls=calls,
         throttled=throttled,
+        cpu=dict(cpu),
+        spent=dict(spent),
+        fan_out=fanned,
     )
 
 
@@ -280,6 +457,7 @@ def measure(sizes: Sizes, runs: int) -> None:
         result = run_once(store, sizes)
         print(result.line())
         print(result.cost_line())
+        print(result.time_line())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
