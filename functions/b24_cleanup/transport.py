@@ -20,10 +20,13 @@ fit a float become None, so that no remote number can overflow the code that rea
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import json
 import math
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,18 +86,60 @@ def parse_json(body: bytes | bytearray | str) -> Any:
 # -- the watchdog ------------------------------------------------------------------------------
 
 
+class _Watchdog:
+    """One thread that keeps every request's time limit (a heap of deadlines).
+
+    A timer thread per request would cost a thread start on every request, and `Thread.start`
+    waits for the new thread to take the interpreter lock: with ten portals' threads busy in an
+    invocation that wait is milliseconds, on every request of every job.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, watch: _Watch, deadline: float) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._order), watch))
+            if self._thread is None or not self._thread.is_alive():  # first use, or after a fork
+                self._thread = threading.Thread(target=self._run, name="b24-request-watchdog", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is watch:
+                self._cond.notify()  # a new earliest deadline
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][2].stopped:
+                    heapq.heappop(self._heap)  # finished requests leave when they reach the top
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                delay = self._heap[0][0] - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                due = heapq.heappop(self._heap)[2]
+            due.expire()  # outside the heap's lock: it takes the request's own
+
+
+_WATCHDOG = _Watchdog()
+
+
 class _Watch:
     """One request's total time limit: shuts down the socket the request is using once it passes."""
 
     def __init__(self, limit: float) -> None:
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None
+        self._limit = max(0.0, limit)
         self.expired = False
-        self._timer = threading.Timer(max(0.0, limit), self._expire)
-        self._timer.daemon = True
+        self.stopped = False
 
     def start(self) -> None:
-        self._timer.start()
+        _WATCHDOG.watch(self, time.monotonic() + self._limit)
 
     def attach(self, sock: socket.socket | None) -> None:
         if sock is None:
@@ -105,12 +150,14 @@ class _Watch:
                 _shut(sock)
 
     def stop(self) -> None:
-        self._timer.cancel()
         with self._lock:
+            self.stopped = True
             self._socket = None  # from now on the connection belongs to the pool again
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         with self._lock:
+            if self.stopped:
+                return
             self.expired = True
             if self._socket is not None:
                 _shut(self._socket)
