@@ -10,8 +10,10 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -170,6 +172,7 @@ class PortalStore:
         self._writer: SSMClient | None = client
         self.kms_key_id = kms_key_id  # for new parameters only: an overwrite keeps the key it finds
         self.pacer = write_pacer(write_rate) if write_rate else None  # SSM writes/s of this process
+        self._held = threading.local()  # a write slot a thread took ahead (write_slot)
         # For the clients made on first use; a caller's own config (the endpoint's) serves the writes too.
         self._config = config or BOTO_CONFIG
         self._write_config = config or WRITE_BOTO_CONFIG
@@ -194,8 +197,27 @@ class PortalStore:
     def _pace(self) -> None:
         """Take a write slot. Before the fresh read a write depends on, so that the read is as
         fresh as it can be when the write goes out (the wait can be seconds at the quota)."""
+        if getattr(self._held, "slot", False):
+            self._held.slot = False  # the slot this thread holds serves this write
+            return
         if self.pacer is not None:
             self.pacer.acquire()
+
+    @contextmanager
+    def write_slot(self) -> Iterator[None]:
+        """Hold the next write slot for the first write this thread makes inside the block.
+
+        A refresh takes it before it spends the refresh token (design §5 step 3): the rotated pair
+        is then stored as soon as the OAuth server answers, not a pacer wait later (seconds at the
+        quota, a window in which a timeout loses the chain), and the OAuth round trip overlaps the
+        wait for the slot instead of lengthening the pauses between a container's writes.
+        """
+        self._pace()
+        self._held.slot = True
+        try:
+            yield
+        finally:
+            self._held.slot = False
 
     # -- names ---------------------------------------------------------------------------
     @property

@@ -167,19 +167,20 @@ class TokenKeeper:
                 self.record = latest.record.copy()
                 self.fresh = True
                 return
-            self._check_budget()
-            used = self.record.refresh_token
-            try:
-                answer = self._call_oauth(used)
-            except InvalidGrantError as refused:
-                adopted_or_answer = self._after_refused(used, refused)
-                if adopted_or_answer is None:  # another writer's pair was adopted
-                    return
-                answer = adopted_or_answer
-                used = self.record.refresh_token  # the re-read record's, which was just spent
-            rotation = Rotation(pair_of(answer), self.record.application_token, used)
-            self.chains.pending[self.member_id] = rotation
-            self._store_rotated(rotation)
+            with self.store.write_slot():  # taken before the refresh token is spent, see write_slot
+                self._check_budget()
+                used = self.record.refresh_token
+                try:
+                    answer = self._call_oauth(used)
+                except InvalidGrantError as refused:
+                    adopted_or_answer = self._after_refused(used, refused)
+                    if adopted_or_answer is None:  # another writer's pair was adopted
+                        return
+                    answer = adopted_or_answer
+                    used = self.record.refresh_token  # the re-read record's, which was just spent
+                rotation = Rotation(pair_of(answer), self.record.application_token, used)
+                self.chains.pending[self.member_id] = rotation
+                self._store_rotated(rotation)
 
     def _check_budget(self) -> None:
         """Start a refresh only while there is time to store its result (design §5 step 3)."""

@@ -31,7 +31,7 @@ from b24_cleanup.ops.sandbox import REGION, Sandbox, SeededPortal, sandbox, sqs_
 from b24_cleanup.pacing import Backoff, LeakyBucket
 from b24_cleanup.record import PortalRecord
 from b24_cleanup.store import PortalStore, write_pacer
-from b24_cleanup.tokens import PERSIST_BUDGET_SECONDS, TokenKeeper
+from b24_cleanup.tokens import PERSIST_BUDGET_SECONDS, ChainState, TokenKeeper
 
 if str(ROOT) not in sys.path:  # bench/ lives beside functions/, not inside the package
     sys.path.insert(0, str(ROOT))
@@ -387,6 +387,37 @@ def test_the_fresh_read_of_a_paced_write_comes_after_the_wait(box: Sandbox) -> N
     assert seen == ["stored-meanwhile"]
     after = box.record(member_id)
     assert after is not None and after.refresh_token == "stored-meanwhile" and after.data["mark"] == "x"
+
+
+def test_a_refresh_takes_its_write_slot_before_it_spends_the_refresh_token(box: Sandbox) -> None:
+    """The wait for a write slot comes before the OAuth call, never between the rotation and its
+    write: a pair the OAuth server has issued is stored at once, and the round trip overlaps the wait."""
+    seeded = box.add_portal("slot.bitrix24.test", expired=True)
+    record = box.record(seeded.member_id)
+    assert record is not None
+    store = PortalStore(box.prefix, client=boto3.client("ssm", region_name=REGION))
+    oauth_calls_when_waiting: list[int] = []
+
+    def sleep(seconds: float) -> None:
+        oauth_calls_when_waiting.append(len(box.emulator.requests_log(kind="oauth")))
+        time.sleep(seconds)
+
+    store.pacer = LeakyBucket(20.0, 1, sleep=sleep)
+    store.pacer.acquire()  # another write just took the slot: this refresh has to wait
+    writes = AwsFaults().attach(*store.clients())  # no faults: it counts the store's SSM attempts
+    keeper = TokenKeeper(
+        store,
+        seeded.member_id,
+        record,
+        lambda: OAuthClient(box.store.app_credentials()),
+        chains=ChainState(),
+        oauth_url=box.emulator.oauth_url,
+    )
+    keeper.access_token()
+
+    assert oauth_calls_when_waiting == [0]  # waited once, before the refresh token was spent
+    assert writes.attempts["ssm.PutParameter"] == 1
+    assert chain_works(box, seeded.member_id)
 
 
 # ------------------------------------------------------------------- item 4: a pair that failed to store
