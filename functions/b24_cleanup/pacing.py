@@ -35,13 +35,13 @@ class LeakyBucket:
     def __init__(
         self,
         rate: float = DEFAULT_RATE,
-        burst: int = DEFAULT_BURST,
+        burst: float = DEFAULT_BURST,
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be > 0 and burst >= 1")
+        if rate <= 0 or burst <= 0:
+            raise ValueError("rate and burst must be > 0")
         self.rate = rate
         self.burst = burst
         self._clock = clock

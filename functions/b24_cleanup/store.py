@@ -104,7 +104,7 @@ class AppCredentials:
         return f"AppCredentials(client_id={self.client_id!r})"
 
 
-def write_pacer(rate: float) -> LeakyBucket:
+def write_pacer(rate: float, **clock: Any) -> LeakyBucket:
     """The bucket SSM writes of one process wait on (design §5 step 3): `rate` a second, one second banked.
 
     SSM takes a few PutParameter a second per account; the workers share `B24_SSM_WRITE_RATE` and
@@ -112,12 +112,14 @@ def write_pacer(rate: float) -> LeakyBucket:
     throttle themselves into losing rotated pairs. A container writes in bursts (a batch's
     refreshes land together, then its REST calls leave the writes idle for a second or more), so
     strict spacing would leave part of its share unspent every batch; banking one second of it
-    recovers that, and the containers' banks add up to one second of the whole rate, the burst
-    SSM's own bucket is modelled with (ops/quota.py): the fleet stays within what SSM admits.
+    recovers that. The bank is one second of the share even below one write a second (a first
+    write then waits for its fraction): the containers' banks add up to one second of the whole
+    rate, the burst SSM's own bucket is modelled with (ops/quota.py), so a fleet whose pauses
+    line up still stays within what SSM admits. `clock` takes the bucket's clock and sleep (tests).
     """
     if not rate > 0:
         raise ValueError("a write pacer needs a positive rate")
-    return LeakyBucket(rate, max(1, int(rate)))
+    return LeakyBucket(rate, rate * 1.0, **clock)
 
 
 @dataclass(frozen=True)

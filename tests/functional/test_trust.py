@@ -324,31 +324,32 @@ def test_a_rotated_pair_is_retried_until_stored_within_the_time_left(box: Sandbo
 def test_ssm_writes_are_paced_to_the_containers_share() -> None:
     settings = Settings.from_env({"B24_SSM_PREFIX": "/p", "B24_SSM_WRITE_RATE": "3", "B24_WORKER_CONCURRENCY": "5"})
     store = settings.store()
-    assert store.pacer is not None and store.pacer.rate == pytest.approx(3 / 5) and store.pacer.burst == 1
+    assert store.pacer is not None and store.pacer.rate == pytest.approx(3 / 5)
     now, slept = [0.0], []
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
         now[0] += seconds
 
-    pacer = LeakyBucket(0.6, 1, clock=lambda: now[0], sleep=sleep)
+    pacer = write_pacer(0.6, clock=lambda: now[0], sleep=sleep)
     for _ in range(4):
         pacer.acquire()
-    assert slept == pytest.approx([5 / 3] * 3)  # a share under 1/s: the first write at once, then one every 1/0.6 s
+    # Below one write a second the bank is a fraction of one: even a rested container's first
+    # write waits for it, so five containers that pause together never write five at once.
+    assert slept == pytest.approx([0.4 / 0.6] + [1 / 0.6] * 3)
 
 
 def test_a_containers_pacer_banks_one_second_of_its_share_and_no_more() -> None:
     """A batch's writes come together after seconds of REST calls: one second of the share is
     kept for them (the containers' banks add up to SSM's one-second burst), not the whole idle time."""
-    pacer = write_pacer(2.0)  # 10 writes/s shared by 5 containers
-    assert (pacer.rate, pacer.burst) == (2.0, 2)
     now, slept = [0.0], []
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
         now[0] += seconds
 
-    pacer = LeakyBucket(pacer.rate, pacer.burst, clock=lambda: now[0], sleep=sleep)
+    pacer = write_pacer(2.0, clock=lambda: now[0], sleep=sleep)  # 10 writes/s shared by 5 containers
+    assert (pacer.rate, pacer.burst) == (2.0, 2.0)
     for _ in range(4):
         pacer.acquire()
     assert slept == pytest.approx([0.5, 0.5])  # two at once, then 2/s
@@ -358,6 +359,17 @@ def test_a_containers_pacer_banks_one_second_of_its_share_and_no_more() -> None:
     assert slept == pytest.approx([0.5, 0.5, 0.5, 0.5])
     with pytest.raises(ValueError, match="positive rate"):
         write_pacer(0)
+
+
+@pytest.mark.parametrize(("rate", "containers"), [(3, 5), (10, 5), (1, 7), (40, 3)])
+def test_the_fleets_banks_add_up_to_one_second_of_the_whole_rate(rate: float, containers: int) -> None:
+    """Every container rested and starting together: the fleet's first burst is what one second of
+    SSM's bucket admits, and the writes after it keep to the rate."""
+    frozen = 0.0  # every container asks for 20 write slots at the same instant
+    pacers = [write_pacer(rate / containers, clock=lambda: frozen, sleep=lambda _: None) for _ in range(containers)]
+    waits = [pacer.acquire() for pacer in pacers for _ in range(20)]  # how long each write waits
+    assert sum(1 for wait in waits if wait == 0) <= rate  # at once: one second of the whole rate
+    assert sum(1 for wait in waits if wait <= 10.0) <= rate * 11  # then no more than the rate
 
 
 def test_the_fresh_read_of_a_paced_write_comes_after_the_wait(box: Sandbox) -> None:
