@@ -14,6 +14,7 @@ from moto import mock_aws
 
 from b24_cleanup.dynamostore import MAX_CAS_ATTEMPTS, DynamoPortalStore, create_table
 from b24_cleanup.errors import ConfigError, RecordChangedError, TransientError
+from b24_cleanup.ops.atomic import atomic_dynamodb
 from b24_cleanup.record import PortalRecord
 from b24_cleanup.store import PortalStore
 
@@ -23,6 +24,7 @@ TABLE = "portals"
 
 @pytest.fixture
 def aws() -> Iterator[tuple[Any, Any]]:
+    atomic_dynamodb()  # as DynamoDB: a conditional write is one step (moto's are not, across threads)
     with mock_aws():
         dynamodb = boto3.client("dynamodb", region_name="us-east-1")
         ssm = boto3.client("ssm", region_name="us-east-1")
@@ -206,19 +208,56 @@ def test_delete_if_decides_on_the_whole_record(store: DynamoPortalStore) -> None
     assert store.delete("m1") is False
 
 
-def test_endless_contention_is_transient(store: DynamoPortalStore) -> None:
+def test_endless_contention_is_transient(store: DynamoPortalStore, aws: tuple[Any, Any]) -> None:
     store.put("m1", record())
+    other = DynamoPortalStore(PREFIX, TABLE, aws[0], ssm=aws[1])  # another container's store
     original = store.read
 
     def read(member_id: str) -> tuple[PortalRecord | None, int]:
         current, version = original(member_id)
-        store.write("m1", record(), version)  # someone always writes in between
+        other.write("m1", record(), version)  # someone always writes in between
         return current, version
 
+    other.write("m1", record(), 1)  # and once before: the item this store saw is already old
     store.read = read  # type: ignore[method-assign]
     with pytest.raises(TransientError, match="RECORD_CONTENDED"):
         store.modify("m1", lambda r: True)
-    assert original("m1")[1] == 1 + MAX_CAS_ATTEMPTS
+    assert other.read("m1")[1] == 1 + MAX_CAS_ATTEMPTS
+
+
+def test_a_modify_swaps_against_the_item_just_read_without_reading_it_again(
+    store: DynamoPortalStore, aws: tuple[Any, Any]
+) -> None:
+    store.put("m1", record())
+    current = store.get("m1")  # what a job does first
+    assert current is not None
+    reads: list[str] = []
+    store.dynamodb.meta.events.register("before-call.dynamodb.GetItem", lambda **kw: reads.append("GetItem"))
+
+    store.modify("m1", lambda r: r.data.update(mark="x") is None)
+
+    assert reads == []  # one conditional write on the version already seen
+    assert store.get("m1").data["mark"] == "x"  # type: ignore[union-attr]
+    # Another writer meanwhile: the swap fails, the change is decided again on a fresh read.
+    other = DynamoPortalStore(PREFIX, TABLE, aws[0], ssm=aws[1])
+    other.modify("m1", lambda r: r.data.update(refresh_token="newer") is None)
+    store.modify("m1", lambda r: r.data.update(mark="y") is None)
+    final = other.get("m1")
+    assert final is not None and final.data["mark"] == "y" and final.refresh_token == "newer"
+
+
+def test_a_change_declined_on_the_item_seen_earlier_is_decided_again_on_a_fresh_read(
+    store: DynamoPortalStore, aws: tuple[Any, Any]
+) -> None:
+    store.put("m1", record())
+    other = DynamoPortalStore(PREFIX, TABLE, aws[0], ssm=aws[1])
+    other.modify("m1", lambda r: r.data.update(refresh_token="rotated") is None)
+
+    # The change applies only to the newer record: declined on the old copy, it must not give up.
+    written = store.modify("m1", lambda r: r.refresh_token == "rotated" and r.data.update(mark="z") is None)
+
+    assert written is not None and written.data["mark"] == "z"
+    assert other.get("m1").data["mark"] == "z"  # type: ignore[union-attr]
 
 
 def test_iter_member_ids_scans_every_page_projecting_the_key(store: DynamoPortalStore, aws: tuple[Any, Any]) -> None:
@@ -277,3 +316,12 @@ def test_malformed_member_id_never_reaches_dynamodb(store: DynamoPortalStore) ->
         store.get("../app/credentials")
     with pytest.raises(ValueError, match="member_id"):
         store.put("", record())
+
+
+def test_moto_is_made_atomic_once_however_often_it_is_asked() -> None:
+    from moto.dynamodb.models import DynamoDBBackend
+
+    atomic_dynamodb()
+    atomic_dynamodb()
+    put = DynamoDBBackend.put_item
+    assert getattr(put, "_b24_atomic", False) and not getattr(put.__wrapped__, "_b24_atomic", False)
