@@ -17,6 +17,8 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,7 @@ _CONDITION_FAILED = "ConditionalCheckFailedException"
 # A CAS loser re-reads and decides again; this many losses in a row means a writer storm that a
 # retry of the job (seconds later) settles better than spinning here.
 MAX_CAS_ATTEMPTS = 16
+SEEN_ITEMS = 1024  # portals whose last-seen item a store keeps (a few MB at most)
 
 
 def dynamodb_client(config: Config = BOTO_CONFIG) -> DynamoDBClient:
@@ -75,6 +78,23 @@ class DynamoPortalStore(PortalStore):
             raise ConfigError("B24_TABLE must name the DynamoDB table of portal records when B24_STORE=dynamodb")
         self.table = table
         self._dynamodb = client
+        # The item as this store last read or wrote it, per portal: a modify's first compare-and-swap
+        # goes against it instead of a second read (the job has just read the record).
+        self._seen: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._seen_lock = threading.Lock()
+
+    def _remember(self, member_id: str, text: str | None, version: int) -> None:
+        with self._seen_lock:
+            self._seen.pop(member_id, None)
+            if text is not None:
+                self._seen[member_id] = (text, version)
+                while len(self._seen) > SEEN_ITEMS:
+                    self._seen.popitem(last=False)
+
+    def _last_seen(self, member_id: str) -> tuple[PortalRecord, int] | None:
+        with self._seen_lock:
+            seen = self._seen.get(member_id)
+        return None if seen is None else (PortalRecord.from_json(seen[0]), seen[1])
 
     @property
     def dynamodb(self) -> DynamoDBClient:
@@ -119,12 +139,15 @@ class DynamoPortalStore(PortalStore):
             raise self._error(exc, f"reading the record of {member_id}") from None
         item = answer.get("Item")
         if not item:
+            self._remember(member_id, None, 0)
             return None, 0
         try:
             version = int(item["version"]["N"])
-            record = PortalRecord.from_json(item["record"]["S"])
+            text = item["record"]["S"]
+            record = PortalRecord.from_json(text)
         except (KeyError, ValueError, TypeError):
             raise ConfigError(f"portal record of {member_id} in {self.table} is not a versioned JSON object") from None
+        self._remember(member_id, text, version)
         return record, version
 
     def write(self, member_id: str, record: PortalRecord, expected_version: int) -> int:
@@ -133,13 +156,10 @@ class DynamoPortalStore(PortalStore):
         Returns the new version; raises :class:`RecordChangedError` when another writer won.
         """
         new_version = expected_version + 1
+        text = record.to_json()
         args: dict[str, Any] = {
             "TableName": self.table,
-            "Item": {
-                **self._key(member_id),
-                "record": {"S": record.to_json()},
-                "version": {"N": str(new_version)},
-            },
+            "Item": {**self._key(member_id), "record": {"S": text}, "version": {"N": str(new_version)}},
         }
         if expected_version == 0:
             args["ConditionExpression"] = "attribute_not_exists(member_id)"
@@ -154,6 +174,7 @@ class DynamoPortalStore(PortalStore):
             raise self._error(exc, f"writing the record of {member_id}") from None
         except BotoCoreError as exc:
             raise self._error(exc, f"writing the record of {member_id}") from None
+        self._remember(member_id, text, new_version)
         return new_version
 
     def _remove(self, member_id: str, expected_version: int | None) -> bool:
@@ -169,6 +190,7 @@ class DynamoPortalStore(PortalStore):
             raise self._error(exc, f"deleting the record of {member_id}") from None
         except BotoCoreError as exc:
             raise self._error(exc, f"deleting the record of {member_id}") from None
+        self._remember(member_id, None, 0)
         return bool(answer.get("Attributes"))
 
     # -- portal records (the PortalStore interface) ----------------------------------------
@@ -200,10 +222,18 @@ class DynamoPortalStore(PortalStore):
         and `change` decides again on the new record (so it must be a pure function of the
         record it is given). Returns the record as written, or as found when `change` declined.
         """
+        seen = self._last_seen(member_id)  # as the job just read it: tried first, the swap checks it
+        current: PortalRecord | None
         for _ in range(MAX_CAS_ATTEMPTS):
-            current, version = self.read(member_id)
-            if current is None or not change(current):
-                return current
+            if seen is not None:
+                current, version = seen
+                seen = None
+                if not change(current):
+                    continue  # declined on what may be an old copy: decide on a fresh read
+            else:
+                current, version = self.read(member_id)
+                if current is None or not change(current):
+                    return current
             try:
                 self.write(member_id, current, version)
                 return current
