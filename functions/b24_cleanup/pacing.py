@@ -39,14 +39,15 @@ class LeakyBucket:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        level: float = 0.0,
     ) -> None:
-        if rate <= 0 or burst <= 0:
-            raise ValueError("rate and burst must be > 0")
+        if rate <= 0 or burst <= 0 or level < 0:
+            raise ValueError("rate and burst must be > 0, the starting level >= 0")
         self.rate = rate
         self.burst = burst
         self._clock = clock
         self._sleep = sleep
-        self._level = 0.0
+        self._level = level  # requests counted in already (0: a rested bucket)
         self._stamp = clock()
         self._lock = threading.Lock()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -115,11 +116,13 @@ def write_pacer(rate: float, **clock: Any) -> LeakyBucket:
     recovers that. The bank is one second of the share even below one write a second (a first
     write then waits for its fraction): the containers' banks add up to one second of the whole
     rate, the burst SSM's own bucket is modelled with (ops/quota.py), so a fleet whose pauses
-    line up still stays within what SSM admits. `clock` takes the bucket's clock and sleep (tests).
+    line up still stays within what SSM admits. Containers that start together would also write
+    together, slot for slot, all night: each starts at a random point of its first write interval.
+    `clock` takes the bucket's clock and sleep (tests).
     """
     if not rate > 0:
         raise ValueError("a write pacer needs a positive rate")
-    return LeakyBucket(rate, rate * 1.0, **clock)
+    return LeakyBucket(rate, rate * 1.0, level=random.random(), **clock)
 
 
 @dataclass(frozen=True)

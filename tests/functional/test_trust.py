@@ -331,7 +331,7 @@ def test_ssm_writes_are_paced_to_the_containers_share() -> None:
         slept.append(seconds)
         now[0] += seconds
 
-    pacer = write_pacer(0.6, clock=lambda: now[0], sleep=sleep)
+    pacer = LeakyBucket(0.6, 0.6, clock=lambda: now[0], sleep=sleep)  # write_pacer's, without its random phase
     for _ in range(4):
         pacer.acquire()
     # Below one write a second the bank is a fraction of one: even a rested container's first
@@ -348,8 +348,8 @@ def test_a_containers_pacer_banks_one_second_of_its_share_and_no_more() -> None:
         slept.append(seconds)
         now[0] += seconds
 
-    pacer = write_pacer(2.0, clock=lambda: now[0], sleep=sleep)  # 10 writes/s shared by 5 containers
-    assert (pacer.rate, pacer.burst) == (2.0, 2.0)
+    assert (write_pacer(2.0).rate, write_pacer(2.0).burst) == (2.0, 2.0)  # 10 writes/s shared by 5 containers
+    pacer = LeakyBucket(2.0, 2.0, clock=lambda: now[0], sleep=sleep)  # without the random phase
     for _ in range(4):
         pacer.acquire()
     assert slept == pytest.approx([0.5, 0.5])  # two at once, then 2/s
@@ -370,6 +370,15 @@ def test_the_fleets_banks_add_up_to_one_second_of_the_whole_rate(rate: float, co
     waits = [pacer.acquire() for pacer in pacers for _ in range(20)]  # how long each write waits
     assert sum(1 for wait in waits if wait == 0) <= rate  # at once: one second of the whole rate
     assert sum(1 for wait in waits if wait <= 10.0) <= rate * 11  # then no more than the rate
+
+
+def test_containers_that_start_together_do_not_write_together() -> None:
+    """Same start, same work: without a random phase five containers would write in the same
+    instant after every pause. Each starts at a random point of its first write interval."""
+    frozen = 0.0
+    firsts = [write_pacer(0.6, clock=lambda: frozen, sleep=lambda _: None).acquire() for _ in range(5)]
+    assert len({round(wait, 6) for wait in firsts}) == 5
+    assert all(0.4 / 0.6 <= wait <= 1.4 / 0.6 for wait in firsts)  # within one interval of 1/0.6 s
 
 
 def test_the_fresh_read_of_a_paced_write_comes_after_the_wait(box: Sandbox) -> None:
