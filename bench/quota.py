@@ -2,13 +2,15 @@
 
 Every other table runs on moto, which has no quotas. Here SSM answers as real SSM does beyond
 `write_rate` writes/s and 40 reads/s (ops/quota.py: ThrottlingException "Rate exceeded" on the
-real wire, so botocore's adaptive retries and the workers' write pacing meet what production
-meets). N portals with expired access tokens (each must refresh: one OAuth call and one record
-write) and one orphan each go scheduler → SQS FIFO → worker. The worker runs as production runs
-it: `containers` processes (the event source's MaximumConcurrency, B24_WORKER_CONCURRENCY), each a
-container of its own with its own runtime and write pacer at its share of the rate, each polling
-10 messages at a time; AWS is one moto on loopback that every process reaches over HTTP. Then,
-per store:
+real wire, so botocore's retries and the workers' write pacing meet what production meets).
+N portals with expired access tokens (each must refresh: one OAuth call and one record write)
+and one orphan each go scheduler → SQS FIFO → worker. The worker runs as Lambda runs it:
+`containers` spawned processes (MaximumConcurrency = B24_WORKER_CONCURRENCY), each with its own
+runtime, clients and write pacer at its share of the rate, each taking the next batch of 10 when
+it is free from an event source in this process. Every process reaches AWS over loopback: SSM
+through the quota (this process's moto), SQS and DynamoDB on moto servers of their own
+(`_moto_apart`). The clock starts once the night is queued and received: moto's FIFO costs
+O(queued) per call, SQS's does not (the `fan-out` figure). Then, per store:
 
     quota: store=ssm portals=N write_rate=Q/s achieved=W/s ratio=W/Q lost=L failed=F dlq=D wall=Ts bound=Bs
 
@@ -18,10 +20,13 @@ retried); `dlq` = jobs in the dead-letter queue; `bound` = N ÷ Q. For store=dyn
 have no write quota: `write_rate` is what the Bitrix24 side allows (portals in flight ÷ the
 per-portal latency bound, 3 requests at the emulator's latency), `bound` = N ÷ that rate. `ratio`
 is bound ÷ wall either way. Goal: ratio ≥ 0.9, lost = 0, dlq = 0. A `quota-cost:` line per store
-gives the measured AWS calls per portal that the README's 1k/10k/100k arithmetic uses.
+gives the measured AWS calls per portal that the README's 1k/10k/100k arithmetic uses; a
+`quota-time:` line where the time went (seconds per invocation, CPU of this process and of the
+containers, requests per portal as the emulator counted them).
 
-    .venv/bin/python -m bench.quota            # ~1.5 minutes
-    .venv/bin/python -m bench.quota --quick    # seconds
+    .venv/bin/python -m bench.quota                                  # ~5 minutes, both stores
+    .venv/bin/python -m bench.quota --store ssm --write-rate 10 --portals 600
+    .venv/bin/python -m bench.quota --quick                          # seconds
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import queue
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,8 +72,17 @@ class Sizes:
     read_rate: float = 40.0
 
 
-FULL = Sizes(portals=600, write_rate=10, latency=0.5, containers=5)
-QUICK = dataclasses.replace(FULL, portals=40, latency=0.05, containers=2)
+# SSM at its default PutParameter quota (3/s, B24_SSM_WRITE_RATE's default) over the template's
+# five containers; DynamoDB, with no write quota, as many portals as the Bitrix24 side allows in
+# about the same minute of wall and bench time. `--portals`, `--write-rate`, ... measure others.
+FULL: dict[str, Sizes] = {
+    "ssm": Sizes(portals=200, write_rate=3, latency=0.5, containers=5),
+    "dynamodb": Sizes(portals=600, write_rate=3, latency=0.5, containers=5),
+}
+QUICK: dict[str, Sizes] = {
+    store: dataclasses.replace(sizes, portals=40, latency=0.05, containers=2, write_rate=10)
+    for store, sizes in FULL.items()
+}
 
 
 @dataclass
@@ -91,6 +105,7 @@ class QuotaRun:
     # the containers' wall seconds: invocations, in the handler, waiting for a batch
     spent: dict[str, float] = dataclasses.field(default_factory=dict)
     fan_out: float = 0.0  # the scheduler's queueing of the night, before the clock starts
+    requests: dict[str, float] = dataclasses.field(default_factory=dict)  # per portal, by kind (rest, oauth)
 
     @property
     def ratio(self) -> float:
@@ -111,10 +126,11 @@ class QuotaRun:
 
     def time_line(self) -> str:
         invocations = self.spent.get("invocations", 0) or 1
-        per = " ".join(f"{part}={self.spent.get(part, 0.0) / invocations:.2f}s" for part in ("handler", "waiting"))
+        per = " ".join(f"{part}={self.spent.get(part, 0.0) / invocations:.2f}s" for part in ("handler",))
         cpu = " ".join(f"{part}={seconds:.1f}s" for part, seconds in self.cpu.items())
         return (
             f"quota-time: store={self.store} fan-out={self.fan_out:.1f}s invocations={int(invocations)} "
+            f"requests/portal {' '.join(f'{k}={n:.2f}' for k, n in sorted(self.requests.items()))} "
             f"per invocation {per} cpu {cpu}"
         )
 
@@ -156,98 +172,6 @@ def _quiet() -> Iterator[None]:
         sink.close()
 
 
-class _EventSource:
-    """One container's event source, as Lambda's pollers are: apart from the function.
-
-    A receiver keeps the next batch ready while the function runs the current one, and a settler
-    deletes what succeeded (or makes the rest visible again) after it returns, so the function
-    waits on neither. SQS answers in milliseconds; moto on loopback scans every queued message per
-    call, a cost that would otherwise sit between every two invocations.
-    """
-
-    def __init__(self, sqs: Any, queue_url: str, stop: Any, on_done: Any) -> None:
-        self.sqs, self.queue_url, self.stop, self.on_done = sqs, queue_url, stop, on_done
-        self._ready: queue.Queue[list[dict[str, Any]]] = queue.Queue(maxsize=1)
-        self._settle: queue.Queue[tuple[list[dict[str, Any]], set[str]]] = queue.Queue()
-        self._wanted = threading.Event()
-        self._wanted.set()
-        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._receive, self._settler)]
-        for thread in self._threads:
-            thread.start()
-
-    def _receive(self) -> None:
-        while not self.stop.is_set():
-            if not self._wanted.wait(0.1):
-                continue
-            got = self.sqs.receive_message(
-                QueueUrl=self.queue_url, MaxNumberOfMessages=SQS_BATCH, AttributeNames=["All"], VisibilityTimeout=300
-            )
-            messages = got.get("Messages", [])
-            if not messages:
-                time.sleep(0.1)
-                continue
-            self._wanted.clear()
-            self._ready.put(messages)
-
-    def next_batch(self) -> list[dict[str, Any]] | None:
-        """The next batch (and the receiving of the one after starts), or None after 0.2 s without one."""
-        try:
-            messages = self._ready.get(timeout=0.2)
-        except queue.Empty:
-            return None
-        self._wanted.set()
-        return messages
-
-    def settle(self, messages: list[dict[str, Any]], failed: set[str]) -> None:
-        self._settle.put((messages, failed))
-
-    def _settler(self) -> None:
-        while not (self.stop.is_set() and self._settle.empty()):
-            try:
-                messages, failed = self._settle.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            done = [m for m in messages if m["MessageId"] not in failed]
-            if done:
-                self.sqs.delete_message_batch(
-                    QueueUrl=self.queue_url,
-                    Entries=[{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done)],
-                )
-                self.on_done(len(done))
-            back = [m for m in messages if m["MessageId"] in failed]
-            if back:  # the event source makes them visible again after the visibility timeout
-                self.sqs.change_message_visibility_batch(
-                    QueueUrl=self.queue_url,
-                    Entries=[
-                        {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
-                        for n, m in enumerate(back)
-                    ],
-                )
-
-    def close(self) -> None:
-        for thread in self._threads:
-            thread.join(30)
-
-
-def _pump(source: _EventSource, arn: str, handler: Any, context: Any, stop: Any, spent: Counter[str]) -> None:
-    """Invoke the worker with each batch the event source has ready, one at a time (one container).
-
-    `spent` adds up the invocations, the seconds in the handler and the seconds waited for a batch."""
-    from b24_cleanup.ops.sandbox import sqs_event
-
-    while not stop.is_set():
-        began = time.monotonic()
-        messages = source.next_batch()
-        if messages is None:
-            continue
-        invoked = time.monotonic()
-        answer = handler(sqs_event(messages, arn), context)
-        spent["invocations"] += 1
-        spent["handler"] += time.monotonic() - invoked
-        spent["waiting"] += invoked - began
-        source.settle(messages, {item["itemIdentifier"] for item in answer.get("batchItemFailures", [])})
-
-
 def _depth(sqs: Any, queue_url: str) -> int:
     attrs = sqs.get_queue_attributes(
         QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
@@ -257,57 +181,123 @@ def _depth(sqs: Any, queue_url: str) -> int:
 
 @dataclass(frozen=True)
 class _Shared:
-    """What the container processes and the bench share: start and stop, and the deletes so far."""
+    """What the event source (this process) and the container processes share."""
 
-    ready: Any  # a Semaphore each container releases once it is warm
-    go: Any
-    stop: Any
-    deleted: Any  # Value("i"): messages deleted (jobs done)
-    last_done: Any  # Value("d"): time.monotonic() of the latest delete (system-wide on Linux)
-    out: Any  # Queue: each container's job outcomes and AWS calls
+    ready: Any  # Semaphore: each container releases it once it is warm
+    go: Any  # Event: the clock has started
+    stop: Any  # Event
+    batches: Any  # Queue: received batches, each taken by the next free container
+    settled: Any  # Queue: (batch, failed message ids) after each invocation
+    reports: Any  # Queue: each container's job outcomes, AWS calls, CPU and seconds at the end
 
 
-def _container(env: dict[str, str], queue_url: str, arn: str, shared: _Shared) -> None:
-    """One worker container (a spawned process): its own runtime, pacer and clients, as in Lambda."""
+def _container(env: dict[str, str], arn: str, shared: _Shared) -> None:
+    """One worker container (a spawned process): its own runtime, pacer and clients, as in Lambda.
+
+    It takes the next received batch when it is free, invokes the worker with it, and hands the
+    answer back to the event source, one invocation at a time.
+    """
     os.environ.update(env)
-    import boto3
-
     from b24_cleanup.handlers import worker
     from b24_cleanup.ops.functionurl import FakeContext
-    from b24_cleanup.ops.sandbox import collect_results
+    from b24_cleanup.ops.sandbox import collect_results, sqs_event
 
-    sqs = boto3.client("sqs")  # the event source's own client: made before the counter, not counted
     context = FakeContext("b24-cleanup-worker")
-
-    def on_done(count: int) -> None:
-        with shared.deleted.get_lock():
-            shared.deleted.value += count
-            shared.last_done.value = time.monotonic()
-
-    spent: Counter[str] = Counter()
+    spent: dict[str, float] = defaultdict(float)
     with _quiet(), collect_results() as results:
         counter = _AwsCalls()
         shared.ready.release()
         shared.go.wait()
-        cpu_at_go = time.process_time()
-        source = _EventSource(sqs, queue_url, shared.stop, on_done)
+        cpu_at_start = time.process_time()
         try:
-            _pump(source, arn, worker.lambda_handler, context, shared.stop, spent)
+            while not shared.stop.is_set():
+                try:
+                    messages = shared.batches.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                invoked = time.monotonic()
+                answer = worker.lambda_handler(sqs_event(messages, arn), context)
+                spent["invocations"] += 1
+                spent["handler"] += time.monotonic() - invoked
+                shared.settled.put((messages, {item["itemIdentifier"] for item in answer.get("batchItemFailures", [])}))
         finally:
-            source.close()
             counter.close()
-            shared.out.put(
-                {
-                    "outcomes": Counter(str(job.get("outcome")) for job in results.jobs),
-                    "calls": counter.calls,
-                    "cpu": time.process_time() - cpu_at_go,
-                    "spent": spent,
-                }
-            )
+            outcomes = Counter(str(job.get("outcome")) for job in results.jobs)
+            cpu = time.process_time() - cpu_at_start
+            shared.reports.put({"outcomes": outcomes, "calls": counter.calls, "cpu": cpu, "spent": dict(spent)})
+
+
+class _EventSource:
+    """The SQS event source, as Lambda runs it: pollers apart from the function containers.
+
+    The night's batches are received before the clock starts and each goes to the next container
+    that comes free; a poller then receives what comes back (a failed job made visible again),
+    and a settler deletes what each invocation did or makes the rest visible. SQS answers a
+    receive in milliseconds; moto's FIFO scans every queued message several times per call (about
+    a second per receive at 600 queued here), a cost that is not what this bench measures.
+    """
+
+    def __init__(self, sqs: Any, queue_url: str, shared: _Shared) -> None:
+        self.sqs, self.queue_url, self.shared = sqs, queue_url, shared
+        self.done = 0
+        self.last_done = 0.0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._poll, self._settle)]
+
+    def _receive(self) -> bool:
+        got = self.sqs.receive_message(
+            QueueUrl=self.queue_url, MaxNumberOfMessages=SQS_BATCH, AttributeNames=["All"], VisibilityTimeout=300
+        )
+        messages = got.get("Messages", [])
+        if messages:
+            self.shared.batches.put(messages)
+        return bool(messages)
+
+    def start(self) -> None:
+        """Receive everything queued, then poll for what comes back and settle what is done."""
+        while self._receive():
+            pass
+        for thread in self._threads:
+            thread.start()
+
+    def _poll(self) -> None:
+        while not self.shared.stop.is_set():
+            if not self._receive():
+                time.sleep(0.2)
+
+    def _settle(self) -> None:
+        while not self.shared.stop.is_set():
+            try:
+                messages, failed = self.shared.settled.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            done = [m for m in messages if m["MessageId"] not in failed]
+            if done:
+                self.sqs.delete_message_batch(
+                    QueueUrl=self.queue_url,
+                    Entries=[{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done)],
+                )
+            back = [m for m in messages if m["MessageId"] in failed]
+            if back:  # the event source makes them visible again after the visibility timeout
+                self.sqs.change_message_visibility_batch(
+                    QueueUrl=self.queue_url,
+                    Entries=[
+                        {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+                        for n, m in enumerate(back)
+                    ],
+                )
+            with self._lock:
+                self.done += len(done)
+                if done:
+                    self.last_done = time.monotonic()
+
+    def close(self) -> None:
+        for thread in self._threads:
+            thread.join(30)
 
 
 @contextlib.contextmanager
-def _containers(count: int, env: dict[str, str], queue_url: str, arn: str) -> Iterator[_Shared]:
+def _containers(count: int, env: dict[str, str], arn: str) -> Iterator[_Shared]:
     """Start `count` warm container processes; yield once all are ready; stop and join them after."""
     import multiprocessing
 
@@ -316,12 +306,12 @@ def _containers(count: int, env: dict[str, str], queue_url: str, arn: str) -> It
         ready=ctx.Semaphore(0),
         go=ctx.Event(),
         stop=ctx.Event(),
-        deleted=ctx.Value("i", 0),
-        last_done=ctx.Value("d", 0.0),
-        out=ctx.Queue(),
+        batches=ctx.Queue(),
+        settled=ctx.Queue(),
+        reports=ctx.Queue(),
     )
     processes = [
-        ctx.Process(target=_container, args=(env, queue_url, arn, shared), daemon=True, name=f"container-{n}")
+        ctx.Process(target=_container, args=(env, arn, shared), daemon=True, name=f"container-{n}")
         for n in range(count)
     ]
     for process in processes:
@@ -340,68 +330,133 @@ def _containers(count: int, env: dict[str, str], queue_url: str, arn: str) -> It
                 process.terminate()
 
 
-def run_once(store: str, sizes: Sizes) -> QuotaRun:
+@contextlib.contextmanager
+def _moto_apart() -> Iterator[str]:
+    """A moto server in a process of its own on loopback; yields its endpoint URL.
+
+    The sandbox's moto serves SSM through the quota in this process, beside the emulator. moto's
+    FIFO SQS scans every queued message on each call and its DynamoDB parses and copies each item
+    (milliseconds a call, where the services answer in a few): sharing one interpreter lock with
+    the emulator, that would be what the sweep waits on. Each service apart, as each is in AWS.
+    """
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "b24_cleanup.ops.atomic", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("a moto server did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@dataclass
+class _Sweep:
+    """What the containers and this process saw during the timed sweep."""
+
+    wall: float = 0.0
+    fan_out: float = 0.0
+    outcomes: Counter[str] = dataclasses.field(default_factory=Counter)
+    calls: Counter[str] = dataclasses.field(default_factory=Counter)
+    spent: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
+    cpu: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
+
+    def add(self, report: dict[str, Any]) -> None:
+        self.outcomes.update(report["outcomes"])
+        self.calls.update(report["calls"])
+        self.cpu["containers"] += report["cpu"]
+        for part, seconds in report["spent"].items():
+            self.spent[part] += seconds
+
+
+def _sweep(box: Any, sizes: Sizes, env: dict[str, str], aws: dict[str, str]) -> _Sweep:
+    """Queue the night (the scheduler, in this process), then time the containers working it off."""
     import boto3
 
     from b24_cleanup.handlers import scheduler
-    from b24_cleanup.oauth import OAuthClient
     from b24_cleanup.ops.functionurl import FakeContext
+    from b24_cleanup.ops.sandbox import REGION, patched_environ
+
+    sqs = boto3.client("sqs", region_name=REGION)
+    arn = sqs.get_queue_attributes(QueueUrl=box.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    seen = _Sweep()
+    with _containers(sizes.containers, {**HANDLER_ENV, **env, **aws}, arn) as shared:
+        box.quota.reset_stats()
+        box.emulator.clear_log()
+        counter = _AwsCalls()
+        source = _EventSource(sqs, box.queue_url, shared)
+        try:
+            with patched_environ({**HANDLER_ENV, **env}), _quiet():
+                # The clock starts once the night is queued and received: moto's FIFO checks each
+                # message's dedup id against every queued one (quadratic in N) and scans them all on
+                # each receive, which is not SQS's cost; the scheduler table measures the fan-out.
+                queueing = time.monotonic()
+                scheduler.lambda_handler({"scheduled_time": SCHEDULED}, FakeContext("b24-cleanup-scheduler"))
+                source.start()
+                started, cpu_at_start = time.monotonic(), time.process_time()
+                seen.fan_out = started - queueing
+                shared.go.set()
+                while source.done + _depth(sqs, box.dlq_url) < sizes.portals:
+                    time.sleep(0.5)
+                seen.wall = source.last_done - started
+                seen.cpu["aws+emulator"] = time.process_time() - cpu_at_start
+        finally:
+            counter.close()
+            shared.stop.set()
+            source.close()
+        seen.calls.update(counter.calls)
+        for _ in range(sizes.containers):
+            seen.add(shared.reports.get(timeout=60))
+    return seen
+
+
+def run_once(store: str, sizes: Sizes) -> QuotaRun:
+    import boto3
+
+    from b24_cleanup.oauth import OAuthClient
     from b24_cleanup.ops.quota import SsmQuotas
     from b24_cleanup.ops.sandbox import FAKE_AWS_ENV, REGION, patched_environ, sandbox
 
     quotas = SsmQuotas(read=sizes.read_rate, write=sizes.write_rate)
-    with sandbox(declared=DECLARED, store=store, ssm_quotas=quotas, latency=sizes.latency) as box:
+    with contextlib.ExitStack() as stack:
+        # SQS and DynamoDB each on a moto of its own (see _moto_apart); SSM is the sandbox's, metered.
+        apart = {"AWS_ENDPOINT_URL_SQS": stack.enter_context(_moto_apart())}
+        if store == "dynamodb":
+            apart["AWS_ENDPOINT_URL_DYNAMODB"] = stack.enter_context(_moto_apart())
+        stack.enter_context(patched_environ(apart))
+        box = stack.enter_context(sandbox(declared=DECLARED, store=store, ssm_quotas=quotas, latency=sizes.latency))
         box.emulator.latency = 0.0  # seeding is not what is measured
         seeded = [box.add_portal(f"p{i:05d}.bitrix24.test", handlers=ROWS, expired=True) for i in range(sizes.portals)]
-        seeded_tokens = {s.member_id: box.record(s.member_id).refresh_token for s in seeded}  # type: ignore[union-attr]
+        seeded_tokens = {s.member_id: box.record(s.member_id).refresh_token for s in seeded}
         box.emulator.latency = sizes.latency
-        assert box.quota is not None
         env = box.env(
             B24_SSM_WRITE_RATE=f"{sizes.write_rate:g}",
             B24_WORKER_CONCURRENCY=str(sizes.containers),  # one share of the rate per container
+            # Tonight's orphan is unbound tonight: one batch, the night's whole work (held orphans
+            # and their ledger are bench/ledger.py's subject).
+            B24_ORPHAN_GRACE_DAYS="0",
         )
-        # Every process reaches the one moto over loopback: SSM through the quota, the rest beside it.
-        aws = {
-            **FAKE_AWS_ENV,
-            "AWS_ENDPOINT_URL": box.quota.endpoint_url,
-            "AWS_ENDPOINT_URL_SSM": box.quota.endpoint_url,
-        }
-        sqs = boto3.client("sqs", region_name=REGION)
-        arn = sqs.get_queue_attributes(QueueUrl=box.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        context = FakeContext("b24-cleanup-scheduler")
-        outcomes: Counter[str] = Counter()
-        calls: Counter[str] = Counter()
-        spent: Counter[str] = Counter()  # the containers' seconds: in the handler, waiting for a batch
-        cpu: Counter[str] = Counter()  # CPU seconds of the sweep: the harness process and the containers
-        with _containers(sizes.containers, {**HANDLER_ENV, **env, **aws}, box.queue_url, arn) as shared:
-            box.quota.reset_stats()
-            counter = _AwsCalls()
-            try:
-                with patched_environ({**HANDLER_ENV, **env}), _quiet():
-                    # The clock starts once the night is queued: moto's FIFO checks each message's
-                    # dedup id against every queued one (quadratic in N), which is not SQS's cost;
-                    # the scheduler table measures the fan-out.
-                    fan_out = time.monotonic()
-                    scheduler.lambda_handler({"scheduled_time": SCHEDULED}, context)
-                    started, cpu_at_start = time.monotonic(), time.process_time()
-                    fanned = started - fan_out
-                    shared.go.set()
-                    while shared.deleted.value + _depth(sqs, box.dlq_url) < sizes.portals:
-                        time.sleep(0.5)  # moto's SQS scans every message per call: not too often
-                    wall = shared.last_done.value - started
-                    cpu["aws+emulator"] = time.process_time() - cpu_at_start
-            finally:
-                counter.close()
-            calls.update(counter.calls)
-            shared.stop.set()
-            for _ in range(sizes.containers):
-                report = shared.out.get(timeout=60)
-                outcomes.update(report["outcomes"])
-                calls.update(report["calls"])
-                cpu["containers"] += report["cpu"]
-                spent.update(report["spent"])
+        # Every process reaches AWS over loopback: SSM through the quota, the rest on their own.
+        seen = _sweep(box, sizes, env, {**FAKE_AWS_ENV, **apart, "AWS_ENDPOINT_URL_SSM": box.quota.endpoint_url})
 
         box.emulator.latency = 0.0
+        sent = Counter(entry.kind for entry in box.emulator.requests_log())
         records = {s.member_id: box.record(s.member_id) for s in seeded}
         refreshed = sum(1 for m, r in records.items() if r is not None and r.refresh_token != seeded_tokens[m])
         credentials = box.store.app_credentials()
@@ -418,8 +473,8 @@ def run_once(store: str, sizes: Sizes) -> QuotaRun:
 
         with ThreadPoolExecutor(8) as pool:
             lost = sum(1 for ok in pool.map(alive, list(records)) if not ok)
-        dlq = _depth(sqs, box.dlq_url)
         throttled = {kind: box.quota.throttled(kind) for kind in ("read", "write", "describe")}
+        dlq = _depth(boto3.client("sqs", region_name=REGION), box.dlq_url)
 
     if store == "ssm":
         rate = sizes.write_rate
@@ -430,31 +485,33 @@ def run_once(store: str, sizes: Sizes) -> QuotaRun:
         store=store,
         portals=sizes.portals,
         write_rate=rate,
-        achieved=refreshed / wall,
+        achieved=refreshed / seen.wall,
         lost=lost,
-        failed=outcomes["failed"],
+        failed=seen.outcomes["failed"],
         dlq=dlq,
-        wall=wall,
+        wall=seen.wall,
         bound=sizes.portals / rate,
         refreshed=refreshed,
-        calls=calls,
+        calls=seen.calls,
         throttled=throttled,
-        cpu=dict(cpu),
-        spent=dict(spent),
-        fan_out=fanned,
+        cpu=dict(seen.cpu),
+        spent=dict(seen.spent),
+        requests={kind: n / sizes.portals for kind, n in sent.items()},
+        fan_out=seen.fan_out,
     )
 
 
-def measure(sizes: Sizes, runs: int) -> None:
+def measure(sizes: dict[str, Sizes], runs: int) -> None:
     """One run per store (`runs` is ignored: each run is a minute of a night at the limit)."""
     del runs
     print(f"\n{TITLE}")
-    print(
-        f"  {sizes.portals} portals, expired tokens, one orphan each; SSM {sizes.write_rate:g} writes/s, "
-        f"{sizes.read_rate:g} reads/s; {sizes.containers} pollers x {SQS_BATCH}; emulator latency {sizes.latency} s"
-    )
-    for store in ("ssm", "dynamodb"):
-        result = run_once(store, sizes)
+    for store, size in sizes.items():
+        print(
+            f"  {store}: {size.portals} portals, expired tokens, one orphan each; SSM {size.write_rate:g} writes/s, "
+            f"{size.read_rate:g} reads/s; {size.containers} containers x {SQS_BATCH}; "
+            f"emulator latency {size.latency} s"
+        )
+        result = run_once(store, size)
         print(result.line())
         print(result.cost_line())
         print(result.time_line())
@@ -463,10 +520,27 @@ def measure(sizes: Sizes, runs: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quota", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke sizes: seconds instead of a minute")
+    parser.add_argument("--store", choices=["ssm", "dynamodb"], action="append", help="only this store (repeatable)")
+    parser.add_argument("--portals", type=int, help="portals in the sweep")
+    parser.add_argument("--write-rate", type=float, help="SSM's PutParameter quota and B24_SSM_WRITE_RATE, writes/s")
+    parser.add_argument("--latency", type=float, help="the emulator's latency per request, seconds")
+    parser.add_argument("--containers", type=int, help="worker containers (B24_WORKER_CONCURRENCY)")
     args = parser.parse_args(argv)
     for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL_SQS", "AWS_PROFILE"):
         os.environ.pop(key, None)  # the sandbox's moto must intercept every call
-    measure(QUICK if args.quick else FULL, 1)
+    chosen = {
+        name: value
+        for name, value in (
+            ("portals", args.portals),
+            ("write_rate", args.write_rate),
+            ("latency", args.latency),
+            ("containers", args.containers),
+        )
+        if value is not None
+    }
+    base = QUICK if args.quick else FULL
+    sizes = {store: dataclasses.replace(base[store], **chosen) for store in (args.store or base)}
+    measure(sizes, 1)
     return 0
 
 
