@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -163,20 +164,22 @@ def _absolute_expiry(answer: dict[str, Any], now: float) -> int:
     return int(now + 3600)
 
 
-def apply_refresh(record_data: dict[str, Any], answer: dict[str, Any]) -> None:
-    """Copy a refresh answer into a record's data (unknown keys are left as they are)."""
-    record_data["access_token"] = answer["access_token"]
-    record_data["refresh_token"] = answer["refresh_token"]
-    record_data["expires"] = answer["expires"]
-    if isinstance(answer.get("scope"), str) and answer["scope"]:
-        record_data["scope"] = answer["scope"]
+def pair_of(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys a refresh owns (design §5 step 3): the pair, its expiry, and what the answer says of
+    `client_endpoint` (and so `domain`). Nothing else: `scope` and every other key stay as stored."""
+    pair: dict[str, Any] = {
+        "access_token": answer["access_token"],
+        "refresh_token": answer["refresh_token"],
+        "expires": answer["expires"],
+    }
     endpoint = answer.get("client_endpoint")
-    # Only a plain http(s) address is an address (a broken one keeps the record's): this runs
-    # after the refresh token was spent, so it must not raise, whatever the answer holds.
+    # Only a plain http(s) address is one (a broken one keeps the record's): the refresh token is
+    # spent by now, so nothing the answer holds may raise or be stored as an address.
     if valid_endpoint(endpoint):
         assert isinstance(endpoint, str)
-        # The refresh answer tracks portal renames (design §10.7, §8).
-        record_data["client_endpoint"] = endpoint
+        # The refresh answer tracks portal renames (design §10.7, §10.8).
+        pair["client_endpoint"] = endpoint
         domain = domain_of(endpoint)
         if domain:
-            record_data["domain"] = domain
+            pair["domain"] = domain
+    return pair

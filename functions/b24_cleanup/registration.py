@@ -26,7 +26,7 @@ import requests
 
 from .errors import B24Error, RegistrationRejectedError, TransientError, UnreadableRecordError
 from .oauth import DEFAULT_TIMEOUT as OAUTH_TIMEOUT
-from .oauth import OAuthClient, trusted_token_url
+from .oauth import OAuthClient, pair_of, trusted_token_url
 from .payload import ONAPPUPDATE, InstallPost
 from .record import PortalRecord, domain_of, valid_endpoint, valid_member_id
 from .store import PortalStore
@@ -122,28 +122,17 @@ def _record(post: InstallPost, existing: PortalRecord | None, answer: dict[str, 
     exists nowhere else.
     """
     data: dict[str, Any] = dict(existing.data) if (post.event == ONAPPUPDATE and existing is not None) else {}
+    pair = pair_of(answer)  # the pair, and the answer's address when it is a usable one
+    data.update(pair)
     data.update(
         {
             "member_id": post.member_id,
             "server_endpoint": _server_endpoint(token_url),
-            "access_token": answer["access_token"],
-            "refresh_token": answer["refresh_token"],
-            "expires": answer["expires"],
             "application_token": post.application_token,
         }
     )
-    endpoint = answer.get("client_endpoint")
-    if valid_endpoint(endpoint):
-        assert isinstance(endpoint, str)
-        data["client_endpoint"], data["domain"] = endpoint, domain_of(endpoint)
-    elif existing is not None and valid_endpoint(existing.client_endpoint):
-        # The pair must be stored; the address stays the one the record knew (a posted one never counts).
-        log.warning("portal %s: the OAuth answer names no usable client_endpoint; kept the stored one", post.member_id)
-        data["client_endpoint"], data["domain"] = existing.client_endpoint, domain_of(existing.client_endpoint)
-    else:
-        log.warning("portal %s: the OAuth answer names no usable client_endpoint; stored without one", post.member_id)
-        data.pop("client_endpoint", None)
-        data.pop("domain", None)
+    if "client_endpoint" not in pair:
+        _address_without_the_answer(data, existing, post.member_id)
     # Only the OAuth answer says what the app may do: with no scope in it, none is stored.
     scope = answer.get("scope")
     if isinstance(scope, str) and scope:
@@ -152,6 +141,18 @@ def _record(post: InstallPost, existing: PortalRecord | None, answer: dict[str, 
         data.pop("scope", None)
     data.pop("revoked_at", None)  # a fresh install or update proves the app is there
     return PortalRecord(data)
+
+
+def _address_without_the_answer(data: dict[str, Any], existing: PortalRecord | None, member_id: str) -> None:
+    """The OAuth answer named no usable client_endpoint: the pair must be stored all the same, with
+    the address the record knew (a posted one never counts), or with none."""
+    if existing is not None and valid_endpoint(existing.client_endpoint):
+        log.warning("portal %s: the OAuth answer names no usable client_endpoint; kept the stored one", member_id)
+        data["client_endpoint"], data["domain"] = existing.client_endpoint, domain_of(existing.client_endpoint)
+    else:
+        log.warning("portal %s: the OAuth answer names no usable client_endpoint; stored without one", member_id)
+        data.pop("client_endpoint", None)
+        data.pop("domain", None)
 
 
 def _oauth_timeout(deadline: float | None) -> tuple[float, float]:

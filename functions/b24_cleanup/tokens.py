@@ -15,13 +15,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import InvalidGrantError, PermanentError, RevokedError, TransientError
-from .oauth import OAuthClient, derive_token_url
-from .record import PortalRecord, domain_of, valid_endpoint
+from .oauth import OAuthClient, derive_token_url, pair_of
+from .record import PortalRecord
 from .store import PortalStore
 
 log = logging.getLogger(__name__)
@@ -249,27 +249,6 @@ class TokenKeeper:
             ) from None
 
 
-def pair_of(answer: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys a refresh owns (design §5 step 3): the pair, its expiry, and what the answer says of
-    `client_endpoint` (and so `domain`). Nothing else: `scope` and every other key stay as stored."""
-    pair: dict[str, Any] = {
-        "access_token": answer["access_token"],
-        "refresh_token": answer["refresh_token"],
-        "expires": answer["expires"],
-    }
-    endpoint = answer.get("client_endpoint")
-    # Only a plain http(s) address is one (a broken one keeps the record's): the refresh token is
-    # spent by now, so nothing the answer holds may raise or be stored as an address.
-    if valid_endpoint(endpoint):
-        assert isinstance(endpoint, str)
-        # The refresh answer tracks portal renames (design §10.7, §10.8).
-        pair["client_endpoint"] = endpoint
-        domain = domain_of(endpoint)
-        if domain:
-            pair["domain"] = domain
-    return pair
-
-
 def persist_rotation(
     store: PortalStore,
     member_id: str,
@@ -304,24 +283,6 @@ def persist_rotation(
 
     current = _retrying(lambda: store.modify(member_id, change), member_id, until, sleep, monotonic)
     return current, stored
-
-
-def persist(
-    store: PortalStore,
-    member_id: str,
-    record: PortalRecord,
-    *,
-    secure: bool = False,
-    sleep: Callable[[float], None] = time.sleep,
-    until: float | None = None,
-) -> None:
-    """Write a whole record that holds a just-rotated pair (registration), retrying until `until`.
-
-    The pair exists nowhere else (the used refresh token is spent): give SSM every chance the
-    time allows (default: the persist budget from now).
-    """
-    deadline = until if until is not None else time.monotonic() + PERSIST_BUDGET_SECONDS
-    _retrying(lambda: store.put(member_id, record, secure=secure), member_id, deadline, sleep, time.monotonic)
 
 
 def _retrying(
