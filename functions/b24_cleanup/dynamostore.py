@@ -164,34 +164,29 @@ class DynamoPortalStore(PortalStore):
         if expected_version == 0:
             args["ConditionExpression"] = "attribute_not_exists(member_id)"
         else:
-            args["ConditionExpression"] = "version = :read"
-            args["ExpressionAttributeValues"] = {":read": {"N": str(expected_version)}}
-        try:
-            self.dynamodb.put_item(**args)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == _CONDITION_FAILED:
-                raise RecordChangedError(member_id) from None
-            raise self._error(exc, f"writing the record of {member_id}") from None
-        except BotoCoreError as exc:
-            raise self._error(exc, f"writing the record of {member_id}") from None
+            args.update(_at_version(expected_version))
+        self._conditional(self.dynamodb.put_item, args, member_id, "writing")
         self._remember(member_id, text, new_version)
         return new_version
 
     def _remove(self, member_id: str, expected_version: int | None) -> bool:
         args: dict[str, Any] = {"TableName": self.table, "Key": self._key(member_id), "ReturnValues": "ALL_OLD"}
         if expected_version is not None:
-            args["ConditionExpression"] = "version = :read"
-            args["ExpressionAttributeValues"] = {":read": {"N": str(expected_version)}}
+            args.update(_at_version(expected_version))
+        answer = self._conditional(self.dynamodb.delete_item, args, member_id, "deleting")
+        self._remember(member_id, None, 0)
+        return bool(answer.get("Attributes"))
+
+    def _conditional(self, call: Callable[..., Any], args: dict[str, Any], member_id: str, doing: str) -> Any:
+        """One conditional item call: RecordChangedError when its condition failed (another writer won)."""
         try:
-            answer = self.dynamodb.delete_item(**args)
+            return call(**args)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == _CONDITION_FAILED:
                 raise RecordChangedError(member_id) from None
-            raise self._error(exc, f"deleting the record of {member_id}") from None
+            raise self._error(exc, f"{doing} the record of {member_id}") from None
         except BotoCoreError as exc:
-            raise self._error(exc, f"deleting the record of {member_id}") from None
-        self._remember(member_id, None, 0)
-        return bool(answer.get("Attributes"))
+            raise self._error(exc, f"{doing} the record of {member_id}") from None
 
     # -- portal records (the PortalStore interface) ----------------------------------------
     def get(self, member_id: str) -> PortalRecord | None:
@@ -288,6 +283,11 @@ class DynamoPortalStore(PortalStore):
                         yield member_id
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "listing portals") from None
+
+
+def _at_version(version: int) -> dict[str, Any]:
+    """The condition of a compare-and-swap: the item is still at `version`."""
+    return {"ConditionExpression": "version = :read", "ExpressionAttributeValues": {":read": {"N": str(version)}}}
 
 
 def create_table(client: DynamoDBClient, table: str) -> None:
