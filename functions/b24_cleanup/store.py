@@ -2,13 +2,16 @@
 
 The portal record is the portal's only token store (design §9), so reads are never cached and
 every write keeps the parameter's type, KMS key and tier. SSM has no conditional writes: the
-guarded delete re-reads and compares the `application_token` right before deleting.
+guarded delete re-reads and compares the `application_token` right before deleting, and a
+change (`modify`) that overwrote another writer's record by the version it got back writes
+that record again (`PortalStore._mend`).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 import random
 import threading
@@ -62,6 +65,12 @@ def stop_at(client: Any, deadline: Callable[[], float | None]) -> Any:
 WRITE_BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 2}, connect_timeout=3, read_timeout=5)
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
+
+# A write that replaced another writer's is mended by writing that record again (PortalStore._mend);
+# this many mends in a row means a writer storm, which the job's retry settles better.
+MAX_MENDS = 8
 
 _THROTTLE_CODES = {"ThrottlingException", "TooManyUpdates", "InternalServerError", "ServiceUnavailable"}
 
@@ -145,15 +154,26 @@ def _aws_error(exc: Exception, what: str) -> Exception:
 
 
 def _unless_missing(call: Callable[[], _T], what: str) -> _T | None:
-    """`call()`, or None when SSM answers ParameterNotFound; any other failure as :func:`_aws_error`."""
+    """`call()`, or None when SSM answers that the parameter (or the version asked for) does not exist;
+    any other failure as :func:`_aws_error`."""
     try:
         return call()
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "ParameterNotFound":
+        if exc.response.get("Error", {}).get("Code") in ("ParameterNotFound", "ParameterVersionNotFound"):
             return None
         raise _aws_error(exc, what) from None
     except BotoCoreError as exc:
         raise _aws_error(exc, what) from None
+
+
+def _record_of(member_id: str, text: str) -> PortalRecord:
+    """A stored portal record; a moved or unreadable one raises (design §3a, §9)."""
+    if is_tombstone(text):
+        raise MovedRecordError(member_id, text)
+    try:
+        return PortalRecord.from_json(text)
+    except (ValueError, RecursionError):
+        raise UnreadableRecordError(f"portal record of {member_id} is not a JSON object") from None
 
 
 class PortalStore:
@@ -236,10 +256,17 @@ class PortalStore:
 
     # -- raw access ----------------------------------------------------------------------
     def _get(self, name: str, *, decrypt: bool) -> str | None:
+        seen = self._read(name, decrypt=decrypt)
+        return None if seen is None else seen[0]
+
+    def _read(self, name: str, *, decrypt: bool = True) -> tuple[str, int] | None:
+        """The parameter's value and version (`name` may select one, as ``name:3``), or None."""
         answer = _unless_missing(
             lambda: self.client.get_parameter(Name=name, WithDecryption=decrypt), f"reading {name}"
         )
-        return None if answer is None else answer["Parameter"]["Value"]
+        if answer is None:
+            return None
+        return answer["Parameter"]["Value"], int(answer["Parameter"].get("Version", 0))
 
     def _meta(self, name: str) -> _ParamMeta | None:
         try:
@@ -253,7 +280,8 @@ class PortalStore:
                 return _ParamMeta(param.get("Type", "SecureString"), param.get("KeyId"), param.get("Tier", "Standard"))
         return None
 
-    def _put(self, name: str, value: str, meta: _ParamMeta | None, *, secure: bool = False) -> None:
+    def _put(self, name: str, value: str, meta: _ParamMeta | None, *, secure: bool = False) -> int:
+        """Overwrite the parameter; returns the version SSM gave this write."""
         args: dict[str, Any] = {"Name": name, "Value": value, "Overwrite": True}
         if meta is None:
             args["Type"] = "SecureString"
@@ -267,22 +295,16 @@ class PortalStore:
             if args["Type"] == "SecureString" and meta.key_id:
                 args["KeyId"] = meta.key_id
         try:
-            self.writer.put_parameter(**args)
+            answer = self.writer.put_parameter(**args)
         except (ClientError, BotoCoreError) as exc:
             raise _aws_error(exc, f"writing {name}") from None
+        return int(answer.get("Version", 0))
 
     # -- portal records -----------------------------------------------------------------
     def get(self, member_id: str) -> PortalRecord | None:
         """The portal's record, read fresh (no cache), or None when there is none."""
         text = self._get(self.portal_name(member_id), decrypt=True)
-        if text is None:
-            return None
-        if is_tombstone(text):
-            raise MovedRecordError(member_id, text)
-        try:
-            return PortalRecord.from_json(text)
-        except (ValueError, RecursionError):
-            raise UnreadableRecordError(f"portal record of {member_id} is not a JSON object") from None
+        return None if text is None else _record_of(member_id, text)
 
     def put(self, member_id: str, record: PortalRecord, *, secure: bool = False) -> None:
         """Write the whole record, keeping the parameter's type, KMS key and tier.
@@ -300,16 +322,63 @@ class PortalStore:
     def modify(self, member_id: str, change: Callable[[PortalRecord], bool]) -> PortalRecord | None:
         """Apply `change` to a fresh read of the record and write it back if `change` says so.
 
-        For edits of one field (a mark, an address): whatever another writer stored meanwhile (a
-        refreshed pair, a reinstall) is kept. SSM has no conditional write, so this narrows the
-        window to one read-write round trip rather than closing it.
+        For edits of one field (a mark, an address, a rotated pair): whatever another writer stored
+        meanwhile (a refreshed pair, a reinstall) is kept. SSM has no conditional write, so a write
+        can still land between the read and the put; the put's version then shows it, and
+        :meth:`_mend` puts back what was overwritten, with `change` applied again where it still
+        applies. `change` must decide on the record alone: it may be called more than once.
         """
         self._pace()
-        current = self.get(member_id)
-        if current is None or not change(current):
+        name = self.portal_name(member_id)
+        meta = self._meta(name)  # before the read: the read-to-put window is one round trip
+        seen = self._read(name)
+        if seen is None:
+            return None
+        current = _record_of(member_id, seen[0])
+        if not change(current):
             return current
-        self._write(member_id, current)
-        return current
+        return self._mend(member_id, current, seen[1], self._put(name, current.to_json(), meta), change, meta)
+
+    def _mend(
+        self,
+        member_id: str,
+        written: PortalRecord,
+        read: int,
+        version: int,
+        change: Callable[[PortalRecord], bool],
+        meta: _ParamMeta | None,
+    ) -> PortalRecord | None:
+        """Undo a lost update: `written` (a change to version `read`) went out as `version`.
+
+        Any other number than ``read + 1`` means other writes landed after the read, and this one
+        replaced the newest of them, ``version - 1``, which may hold the only copy of a rotated
+        pair. That record is written again, with `change` applied if it still applies to it, and
+        the check repeats on that write. Version 1 means the record was deleted after the read:
+        this write is deleted again, as a conditional write would not have made it. A replaced
+        tombstone is left to the migration's final pass, which moves what this write stored
+        (design §3a).
+        """
+        name = self.portal_name(member_id)
+        mends = 0
+        while read and version != read + 1:
+            if version == 1:
+                log.warning("portal %s: the record was deleted while it changed; it stays deleted", member_id)
+                self._delete(member_id)
+                return None
+            replaced = self._read(f"{name}:{version - 1}")
+            # Also when it replaced itself: an attempt whose reply was lost, sent again by botocore.
+            if replaced is None or is_tombstone(replaced[0]) or replaced[0] == written.to_json():
+                return written
+            if mends == MAX_MENDS:
+                raise TransientError("SSM_CONTENDED", f"the record of {member_id} kept changing under its writes")
+            mends += 1
+            log.warning("portal %s: another write landed between a read and its write; putting it back", member_id)
+            written = _record_of(member_id, replaced[0])
+            change(written)  # applied again where it still applies; either way the other write is kept
+            # Put back at once: no key lookup and no wait for the pacer (at the quota a slot can be
+            # seconds away, all of it a window for readers of the spent pair; mends are rare).
+            read, version = version, self._put(name, written.to_json(), meta)
+        return written
 
     def delete_if_token(self, member_id: str, application_token: str) -> bool:
         """Delete the record only while its `application_token` still equals `application_token`.

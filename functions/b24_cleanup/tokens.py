@@ -196,9 +196,20 @@ class TokenKeeper:
         this process for the retry), PermanentError when the record is gone.
         """
         until = self.ends_at if self.ends_at is not None else self.monotonic() + PERSIST_BUDGET_SECONDS
-        current, stored = persist_rotation(
-            self.store, self.member_id, rotation, until=until, sleep=self.sleep, monotonic=self.monotonic
-        )
+
+        def persist() -> tuple[PortalRecord | None, bool]:
+            return persist_rotation(
+                self.store, self.member_id, rotation, until=until, sleep=self.sleep, monotonic=self.monotonic
+            )
+
+        current, stored = persist()
+        if current is not None and not stored and _same(current.application_token, rotation.application_token):
+            # The same installation with another pair. Nobody else can have rotated the token this
+            # pair came from (single-use), so it is an update's pair or an older one put back for a
+            # moment: on SSM a write that overwrote another writes it again right after
+            # (store.PortalStore._mend). Look once more before dropping the only copy of this pair.
+            self.sleep(self.settle_seconds)
+            current, stored = persist()
         self.chains.pending.pop(self.member_id, None)
         if current is None:
             raise PermanentError("RECORD_GONE", "the record was deleted while its tokens were refreshed")

@@ -491,6 +491,47 @@ def test_refresh_never_reverts_an_update_registered_meanwhile(box: Sandbox) -> N
     assert chain_works(box, seeded.member_id)
 
 
+def test_a_refresh_that_finds_an_older_pair_put_back_stores_its_own_once_that_write_is_mended(box: Sandbox) -> None:
+    """On SSM a write can put an older pair back for a moment, until its writer mends it (store.PortalStore._mend).
+
+    The rotated pair is the chain's only live end: it is stored once the record holds the pair it was
+    rotated from again, not dropped for the moment's older pair.
+    """
+    seeded = box.add_portal("mended.bitrix24.test", expired=True)
+    live = box.record(seeded.member_id)
+    older = PortalRecord({**live.data, "refresh_token": "an-older-spent-token"})
+    settled: list[float] = []
+
+    class ClobberedOAuth:
+        def __init__(self, real: OAuthClient) -> None:
+            self.real = real
+
+        def refresh(self, token_url: str, refresh_token: str) -> dict[str, Any]:
+            answer = self.real.refresh(token_url, refresh_token)
+            box.store.put(seeded.member_id, older)  # another writer's stale write lands now...
+            return answer
+
+    class MendedEngine(Engine):
+        def oauth_client(self) -> OAuthClient:
+            return ClobberedOAuth(super().oauth_client())  # type: ignore[return-value]
+
+        def keeper(self, member_id: str, record: PortalRecord, ends_at: float | None = None) -> TokenKeeper:
+            made = super().keeper(member_id, record, ends_at)
+
+            def settle(seconds: float) -> None:
+                settled.append(seconds)
+                box.store.put(seeded.member_id, live)  # ...and its writer mends it meanwhile
+
+            made.sleep = settle
+            return made
+
+    result = MendedEngine(box.store, options=FAST, oauth_url=box.emulator.oauth_url).run(sweep(seeded))
+
+    assert settled == [FAST.settle_seconds]
+    assert result.outcome is Outcome.CLEAN and result.refreshed == 1
+    assert chain_works(box, seeded.member_id)
+
+
 def test_refresh_writes_only_the_pairs_own_keys(box: Sandbox) -> None:
     seeded = box.add_portal("keys.bitrix24.test", expired=True, extra={"scope": "crm", "note": "v1"})
 

@@ -52,12 +52,18 @@ def raw(box: Sandbox, member_id: str) -> str:
     return box.store.client.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
 
 
-def alive(box: Sandbox, refresh_token: str) -> bool:
+def alive(box: Sandbox, record: PortalRecord) -> bool:
+    """The record's refresh token still refreshes (takes the record: a failed assert shows no token)."""
     try:
-        OAuthClient(box.store.app_credentials()).refresh(box.emulator.oauth_url, refresh_token)
+        OAuthClient(box.store.app_credentials()).refresh(box.emulator.oauth_url, record.refresh_token)
     except Exception:
         return False
     return True
+
+
+def same_refresh_token(a: PortalRecord, b: PortalRecord) -> bool:
+    """Compared here, so that a failed assert shows records, not tokens."""
+    return a.refresh_token == b.refresh_token
 
 
 def test_every_record_moves_and_its_parameter_keeps_no_token(box: Sandbox) -> None:
@@ -143,17 +149,17 @@ def test_a_write_landing_just_before_the_tombstone_is_moved(box: Sandbox, monkey
     run = migration(box)
     original = run._write_tombstone
 
-    def tombstone(member_id: str) -> None:
+    def tombstone(member_id: str) -> int:
         # The app's backend refreshes on the SSM store between the re-read and the tombstone.
         TokenAccess(PortalStore(box.prefix), oauth_url=box.emulator.oauth_url, settle_seconds=0.05).get(member_id)
-        original(member_id)
+        return original(member_id)
 
     monkeypatch.setattr(run, "_write_tombstone", tombstone)
     counts = run.run()
 
     assert counts.moved == 1
     moved = table().get(seeded.member_id)
-    assert moved is not None and alive(box, moved.refresh_token)
+    assert moved is not None and alive(box, moved)
 
 
 def test_a_late_writer_that_overwrote_the_tombstone_is_moved_by_the_final_pass(box: Sandbox) -> None:
@@ -173,8 +179,9 @@ def test_a_late_writer_that_overwrote_the_tombstone_is_moved_by_the_final_pass(b
 
     assert slept == [7]
     assert (counts.moved, counts.failed) == (1, 0)
-    assert table().get(seeded.member_id).refresh_token == stale.refresh_token  # type: ignore[union-attr]
-    assert alive(box, stale.refresh_token)
+    moved = table().get(seeded.member_id)
+    assert moved is not None and same_refresh_token(moved, stale)  # the late writer's pair was moved
+    assert alive(box, stale)
     assert is_tombstone(raw(box, seeded.member_id))
 
 
@@ -263,15 +270,17 @@ def test_migrating_while_the_app_backend_and_a_sweep_run_keeps_every_chain(box: 
                     except JobFailedError as again:
                         errors.append(f"sweep on the table: {again.result.reason}")
 
-    workers = [threading.Thread(target=backend), threading.Thread(target=sweeper)]
+    workers = [threading.Thread(target=backend, daemon=True), threading.Thread(target=sweeper, daemon=True)]
     for w in workers:
         w.start()
-    time.sleep(0.5)
-    counts = migration(box, settle_seconds=3).run()
-    time.sleep(1.0)  # both go on for a moment on the table
-    stop.set()
-    for w in workers:
-        w.join(60)
+    try:
+        time.sleep(0.5)
+        counts = migration(box, settle_seconds=3).run()
+        time.sleep(1.0)  # both go on for a moment on the table
+    finally:
+        stop.set()  # also when the migration raised: the threads must not outlive the sandbox
+        for w in workers:
+            w.join(60)
 
     assert not errors, errors[:5]
     assert (counts.moved, counts.failed) == (10, 0), counts.failures
@@ -280,5 +289,5 @@ def test_migrating_while_the_app_backend_and_a_sweep_run_keeps_every_chain(box: 
         assert is_tombstone(raw(box, s.member_id))
         record = table().get(s.member_id)
         assert record is not None
-        assert alive(box, record.refresh_token), s.member_id  # the stored end of the chain is live: no branch
+        assert alive(box, record), s.member_id  # the stored end of the chain is live: no branch
         assert {(h["event"], h["handler"]) for h in s.portal.handlers(box.app)} == {("ONCRMLEADADD", APP)}

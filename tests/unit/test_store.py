@@ -11,7 +11,7 @@ from moto import mock_aws
 
 from b24_cleanup.errors import ConfigError, TransientError
 from b24_cleanup.record import PortalRecord
-from b24_cleanup.store import PortalStore
+from b24_cleanup.store import MAX_MENDS, PortalStore, tombstone
 
 PREFIX = "/b24-cleanup/test"
 
@@ -66,6 +66,78 @@ def test_guarded_delete_only_removes_the_same_install(store: PortalStore) -> Non
     assert store.delete_if_token("m1", "app-1") is True
     assert store.get("m1") is None
     assert store.delete_if_token("m1", "app-1") is False
+
+
+def test_a_change_nobody_raced_costs_one_read_and_one_write(store: PortalStore, ssm) -> None:
+    store.put("m1", record())
+    calls = []
+    ssm.meta.events.register("before-call.ssm.*", lambda model, **kw: calls.append(model.name))
+
+    store.modify("m1", lambda r: r.data.update(x=1) is None)
+
+    # The key and tier are looked up before the read: the window another write can land in is one round trip.
+    assert calls == ["DescribeParameters", "GetParameter", "PutParameter"]
+    assert store.get("m1").data["x"] == 1
+
+
+def test_a_write_that_replaced_its_own_first_attempt_needs_no_mend(store: PortalStore, ssm, caplog) -> None:
+    """botocore sends a write again when its reply was lost: the version skips one, nothing was lost."""
+    store.put("m1", record())
+    puts = []
+    ssm.meta.events.register("before-call.ssm.PutParameter", lambda model, **kw: puts.append(model.name))
+
+    def change(current: PortalRecord) -> bool:
+        current.data["x"] = 1
+        ssm.put_parameter(Name=f"{PREFIX}/portals/m1", Value=current.to_json(), Type="SecureString", Overwrite=True)
+        return True
+
+    store.modify("m1", change)
+
+    assert len(puts) == 2  # the first attempt (played here) and the one resent; no mend
+    assert "putting it back" not in caplog.text
+    assert store.get("m1").data["x"] == 1
+
+
+def test_a_change_that_overwrote_a_tombstone_is_left_for_the_migrations_final_pass(store: PortalStore, ssm) -> None:
+    """What this write stored may be a rotated pair: ops/migrate.py's final pass moves it to the table."""
+    store.put("m1", record())
+
+    def change(current: PortalRecord) -> bool:
+        ssm.put_parameter(Name=f"{PREFIX}/portals/m1", Value=tombstone("portals"), Type="String", Overwrite=True)
+        current.data["x"] = 1
+        return True
+
+    assert store.modify("m1", change).data["x"] == 1
+    assert store.get("m1").data["x"] == 1
+
+
+def test_a_change_to_a_record_deleted_meanwhile_leaves_it_deleted(store: PortalStore, ssm) -> None:
+    """As a conditional write would: an uninstall's delete is not undone by a mark that read before it."""
+    store.put("m1", record())
+
+    def change(current: PortalRecord) -> bool:
+        ssm.delete_parameter(Name=f"{PREFIX}/portals/m1")
+        current.data["revoked_at"] = 1
+        return True
+
+    assert store.modify("m1", change) is None
+    assert store.get("m1") is None
+
+
+def test_a_writer_storm_gives_up_as_transient_after_a_bounded_number_of_mends(store: PortalStore, ssm) -> None:
+    store.put("m1", record())
+    calls = [0]
+
+    def change(current: PortalRecord) -> bool:
+        calls[0] += 1  # another writer lands before every write of this one
+        value = record(refresh_token=f"r{calls[0]}").to_json()
+        ssm.put_parameter(Name=f"{PREFIX}/portals/m1", Value=value, Type="SecureString", Overwrite=True)
+        current.data["x"] = 1
+        return True
+
+    with pytest.raises(TransientError, match="kept changing"):
+        store.modify("m1", change)
+    assert calls[0] == MAX_MENDS + 1
 
 
 def test_iter_member_ids_pages_through_everything_without_other_paths(store: PortalStore, ssm) -> None:

@@ -12,8 +12,8 @@ tombstone) after it. Neither may lose the pair, which is the only live end of th
 - right before the tombstone the parameter is read again; if it changed since the copy, the
   table item (still at the version this run wrote) is updated by compare-and-swap and the check
   repeats;
-- right after it, the parameter's history shows the version the tombstone replaced: if that is
-  not what was copied, a write slipped in between, and its content goes to the table the same way;
+- right after it, the version just before the tombstone's is what the tombstone replaced: if that
+  is not what was copied, a write slipped in between, and its content goes to the table the same way;
 - a final pass, after a settle time longer than a writer's read-to-write window, finds any
   tombstone that a late writer overwrote, moves that content and writes the tombstone again.
 
@@ -29,9 +29,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from botocore.exceptions import BotoCoreError, ClientError
 
 from ..dynamostore import DynamoPortalStore
 from ..errors import ConfigError, RecordChangedError, TransientError
@@ -89,25 +86,17 @@ class Migration:
     def _raw(self, member_id: str) -> str | None:
         return self.source._get(self.source.portal_name(member_id), decrypt=True)
 
-    def _write_tombstone(self, member_id: str) -> None:
+    def _write_tombstone(self, member_id: str) -> int:
+        """Overwrite the parameter with the tombstone; returns the version SSM gave it."""
         name = self.source.portal_name(member_id)
-        self.source._put(name, tombstone(self.target.table), self.source._meta(name))
+        return self.source._put(name, tombstone(self.target.table), self.source._meta(name))
 
-    def _replaced_version_text(self, member_id: str) -> str | None:
-        """The value the newest SSM version (our tombstone) replaced, from the parameter's history."""
-        name = self.source.portal_name(member_id)
-        versions: list[Any] = []
-        try:
-            for page in self.source.client.get_paginator("get_parameter_history").paginate(
-                Name=name, WithDecryption=True
-            ):
-                versions.extend(page.get("Parameters", []))
-        except (ClientError, BotoCoreError) as exc:
-            raise TransientError("SSM_HISTORY", f"reading the history of {member_id}: {type(exc).__name__}") from None
-        versions.sort(key=lambda v: int(v.get("Version", 0)))
-        if len(versions) < 2 or not is_tombstone(versions[-1].get("Value", "")):
+    def _replaced_text(self, member_id: str, version: int) -> str | None:
+        """The value the tombstone, stored as `version`, replaced (None when it replaced nothing)."""
+        if version < 2:
             return None
-        return str(versions[-2].get("Value", ""))
+        replaced = self.source._read(f"{self.source.portal_name(member_id)}:{version - 1}")
+        return None if replaced is None else replaced[0]
 
     # -- one portal ----------------------------------------------------------------------
     def _adopt(self, member_id: str, text: str, version: int, copied: str) -> int:
@@ -162,8 +151,7 @@ class Migration:
             text, version = now, self._adopt(member_id, now, version, text)
         else:
             raise _Lost("the SSM record kept changing while it moved")
-        self._write_tombstone(member_id)
-        replaced = self._replaced_version_text(member_id)
+        replaced = self._replaced_text(member_id, self._write_tombstone(member_id))
         if replaced is not None and replaced != text:
             log.warning("portal %s: a write landed just before the tombstone; moving its content", member_id)
             text, version = replaced, self._adopt(member_id, replaced, version, text)

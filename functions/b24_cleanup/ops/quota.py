@@ -276,6 +276,9 @@ class QuotaServer:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
 
+        from .atomic import atomic_moto
+
+        atomic_moto()  # a threaded server: writes one step at a time, as AWS's are
         self.meter = QuotaMeter(quotas)
         app = _QuotaMiddleware(DomainDispatcherApplication(create_backend_app), self.meter)
         self._server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_quiet_handler())

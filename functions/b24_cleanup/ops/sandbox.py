@@ -182,8 +182,9 @@ def sandbox(
     import boto3
     from moto import mock_aws  # dev dependency, imported only here
 
-    from .atomic import atomic_dynamodb
+    from .atomic import atomic_moto
 
+    atomic_moto()  # writes are one step in AWS, not in moto (ops/atomic.py)
     with patched_environ(FAKE_AWS_ENV), mock_aws():
         ssm = boto3.client("ssm", region_name=REGION, config=BOTO_CONFIG)
         sqs = boto3.client("sqs", region_name=REGION)
@@ -202,7 +203,6 @@ def sandbox(
             app = emu.add_app()
             if store == "dynamodb":
                 dynamodb = boto3.client("dynamodb", region_name=REGION, config=BOTO_CONFIG)
-                atomic_dynamodb()  # conditional writes are one step in DynamoDB (ops/atomic.py)
                 create_table(dynamodb, DEFAULT_TABLE)
                 records: PortalStore = DynamoPortalStore(prefix, DEFAULT_TABLE, dynamodb, ssm=ssm)
             elif store == "ssm":

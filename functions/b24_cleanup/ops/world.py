@@ -144,6 +144,9 @@ def _start_aws(world: World, aws_port: int) -> None:
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per AWS call otherwise
+    from .atomic import atomic_moto
+
+    atomic_moto()  # a threaded server: writes one step at a time, as AWS's are
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=aws_port, verbose=False)
     server.start()
     world._moto = server
