@@ -24,12 +24,12 @@ import time
 from collections.abc import Sequence
 from types import ModuleType
 
-from bench import cold_start, pacing, quota, requests_per_portal, scheduler, sweep
+from bench import cold_start, pacing, quota, races, requests_per_portal, scheduler, sweep
 from bench.common import HANDLER_ENV, machine, quiet_handler_logs
 
 # In the order they print; the key is the name `--only` takes.
 TABLES: dict[str, ModuleType] = {
-    table.NAME: table for table in (requests_per_portal, sweep, pacing, cold_start, scheduler, quota)
+    table.NAME: table for table in (requests_per_portal, sweep, pacing, cold_start, scheduler, quota, races)
 }
 
 

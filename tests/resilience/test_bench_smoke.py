@@ -78,3 +78,11 @@ def test_quick_benchmark_runs_and_every_portal_sits_on_the_request_bound() -> No
             "store", "portals", "write_rate", "achieved", "ratio", "lost", "failed", "dlq", "wall", "bound"
         }  # fmt: skip
         assert (fields["lost"], fields["dlq"]) == ("0", "0"), line
+    # Racing writers (bench/races.py): every shape for both stores; two writers one change each lose nothing.
+    lines = [line for line in out.splitlines() if line.startswith("races: ")]
+    races = [dict(part.split("=", 1) for part in line.split()[1:]) for line in lines]
+    assert [(r["store"], r["writers"], r["changes"]) for r in races] == [
+        (store, w, c) for store in ("ssm", "dynamodb") for w, c in (("2", "1"), ("3", "1"), ("2", "3"))
+    ], races
+    sure = [r for r in races if r["store"] == "dynamodb" or (r["writers"], r["changes"]) == ("2", "1")]
+    assert all(r["lost"] == "0" for r in sure), races
