@@ -268,6 +268,11 @@ class PortalStore:
             return None
         return answer["Parameter"]["Value"], int(answer["Parameter"].get("Version", 0))
 
+    def _replaced(self, name: str, version: int) -> str | None:
+        """The value that the write SSM numbered `version` replaced (None: it created the parameter)."""
+        before = self._read(f"{name}:{version - 1}") if version > 1 else None
+        return None if before is None else before[0]
+
     def _meta(self, name: str) -> _ParamMeta | None:
         try:
             answer = self.writer.describe_parameters(
@@ -365,15 +370,15 @@ class PortalStore:
                 log.warning("portal %s: the record was deleted while it changed; it stays deleted", member_id)
                 self._delete(member_id)
                 return None
-            replaced = self._read(f"{name}:{version - 1}")
+            replaced = self._replaced(name, version)
             # Also when it replaced itself: an attempt whose reply was lost, sent again by botocore.
-            if replaced is None or is_tombstone(replaced[0]) or replaced[0] == written.to_json():
+            if replaced is None or is_tombstone(replaced) or replaced == written.to_json():
                 return written
             if mends == MAX_MENDS:
                 raise TransientError("SSM_CONTENDED", f"the record of {member_id} kept changing under its writes")
             mends += 1
             log.warning("portal %s: another write landed between a read and its write; putting it back", member_id)
-            written = _record_of(member_id, replaced[0])
+            written = _record_of(member_id, replaced)
             change(written)  # applied again where it still applies; either way the other write is kept
             # Put back at once: no key lookup and no wait for the pacer (at the quota a slot can be
             # seconds away, all of it a window for readers of the spent pair; mends are rare).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from b24_cleanup.transport import _Watch
 
@@ -13,10 +14,10 @@ def _watchdogs() -> int:
     return sum(1 for thread in threading.enumerate() if thread.name == "b24-request-watchdog")
 
 
-def _wait_for(condition: object, seconds: float = 5.0) -> bool:
+def _wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return True
         time.sleep(0.01)
     return False

@@ -91,13 +91,6 @@ class Migration:
         name = self.source.portal_name(member_id)
         return self.source._put(name, tombstone(self.target.table), self.source._meta(name))
 
-    def _replaced_text(self, member_id: str, version: int) -> str | None:
-        """The value the tombstone, stored as `version`, replaced (None when it replaced nothing)."""
-        if version < 2:
-            return None
-        replaced = self.source._read(f"{self.source.portal_name(member_id)}:{version - 1}")
-        return None if replaced is None else replaced[0]
-
     # -- one portal ----------------------------------------------------------------------
     def _adopt(self, member_id: str, text: str, version: int, copied: str) -> int:
         """Put newer SSM content (a pair rotated on the SSM side) into the table.
@@ -151,7 +144,7 @@ class Migration:
             text, version = now, self._adopt(member_id, now, version, text)
         else:
             raise _Lost("the SSM record kept changing while it moved")
-        replaced = self._replaced_text(member_id, self._write_tombstone(member_id))
+        replaced = self.source._replaced(self.source.portal_name(member_id), self._write_tombstone(member_id))
         if replaced is not None and replaced != text:
             log.warning("portal %s: a write landed just before the tombstone; moving its content", member_id)
             text, version = replaced, self._adopt(member_id, replaced, version, text)
